@@ -1,0 +1,551 @@
+#!/usr/bin/env python3
+"""DataCollectService: collect tasks, their case-execution instances, and Stop.
+
+    python collector.py --port 8080 --executor 127.0.0.2:8081 --executor 127.0.0.3:8081
+
+A collect task has one instance per case; start dispatches each instance to an
+executor (CaseExecuteService). Stop marks the task and its unfinished
+instances STOPPED in one transaction, then asks each executor to cancel its
+instance's execution taskId. Cancels go out in parallel; the stop answers
+within --stop-wait seconds; a cancel that could not be delivered stays PENDING
+in SQLite and is retried with capped backoff until the executor confirms it or
+says the task is gone, across collector restarts too.
+"""
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+
+import bottle
+
+from executor import (CONNECT_TIMEOUT, READ_TIMEOUT, BadRequest, CallFailed, Conflict,
+                      Database, NotFound, backoff, call_json, compare_and_set, envelope,
+                      json_body, make_bottle, make_server, require_token, run_server,
+                      setup_logging, string_list)
+
+log = logging.getLogger("collector")
+
+###############################################################################
+# Config and defaults ##########################################################
+###############################################################################
+
+EXECUTOR_ADDRESS_RE = re.compile(
+    r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([0-9]{1,5})$")
+MAX_CASES = 1000
+MAX_NAME = 200
+
+
+@dataclasses.dataclass
+class CollectorConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    db: str = os.path.join("var", "collector.db")
+    executors: list = dataclasses.field(default_factory=list)
+    connect_timeout: float = CONNECT_TIMEOUT
+    read_timeout: float = READ_TIMEOUT
+    stop_wait: float = 3.0
+    retry_max: float = 30.0       # cap of the backoff between cancel attempts
+    advertise: str = ""           # host:port executors use to report back; default host:port
+    token: str = ""               # sent to executors
+    workers: int = 64             # bounded pool for calls to executors
+
+
+###############################################################################
+# States #######################################################################
+###############################################################################
+
+PENDING, DISPATCHING, RUNNING, STOPPED, SUCCESS, FAILED = (
+    "PENDING", "DISPATCHING", "RUNNING", "STOPPED", "SUCCESS", "FAILED")
+TASK_MOVES = {PENDING: (RUNNING, STOPPED), RUNNING: (STOPPED, SUCCESS, FAILED)}
+INSTANCE_MOVES = {
+    PENDING: (DISPATCHING, STOPPED),
+    DISPATCHING: (RUNNING, STOPPED, SUCCESS, FAILED),
+    RUNNING: (STOPPED, SUCCESS, FAILED),
+}
+UNFINISHED = (PENDING, DISPATCHING, RUNNING)
+
+# What happened to the cancel of one instance.
+NOT_NEEDED, DELIVERED, NOT_FOUND = "NOT_NEEDED", "DELIVERED", "NOT_FOUND"
+CANCEL_FINAL = (NOT_NEEDED, DELIVERED, NOT_FOUND, FAILED)
+
+
+def move_task(conn, task_id, to, **fields):
+    return compare_and_set(conn, "collect_task", "id", task_id, TASK_MOVES, to, **fields)
+
+
+def move_instance(conn, instance_id, to, **fields):
+    return compare_and_set(conn, "test_case_execution_instance", "id", instance_id,
+                           INSTANCE_MOVES, to, **fields)
+
+
+###############################################################################
+# Core logic ###################################################################
+###############################################################################
+
+class Collector:
+    def __init__(self, config):
+        self.config = config
+        self.db = Database(config.db)
+        self.pool = concurrent.futures.ThreadPoolExecutor(config.workers, "executor-call")
+        self.retry_due = threading.Event()
+        self.stopping = threading.Event()
+        self.advertise = config.advertise or f"{config.host}:{config.port}"
+
+    def start(self):
+        """Pick up where a previous run of this collector stopped."""
+        now = time.time()
+        with self.db.transaction() as c:
+            # Whether an execute cut short by a restart started its case is unknown:
+            # fail the instance and cancel it, which is harmless if nothing runs.
+            interrupted = sum(
+                move_instance(c, r["id"], FAILED, finished_at=now, cancel_state="PENDING",
+                              error="collector restarted during dispatch")
+                for r in c.execute("SELECT id FROM test_case_execution_instance"
+                                   " WHERE status = ?", (DISPATCHING,)).fetchall())
+            # No attempt of ours is in flight after a restart: every lease is stale.
+            resumed = c.execute("UPDATE test_case_execution_instance SET cancel_next_at = ?"
+                                " WHERE cancel_state = 'PENDING'", (now,)).rowcount
+        if interrupted or resumed:
+            log.info("restart: %d interrupted dispatch(es) failed, %d pending cancel(s) resumed",
+                     interrupted, resumed)
+        for task_id in {r["collect_task_id"] for r in self.db.all(
+                "SELECT collect_task_id FROM test_case_execution_instance i JOIN collect_task t"
+                " ON t.id = i.collect_task_id WHERE t.status = ?", (RUNNING,))}:
+            self.finish_task_if_done(task_id)
+        threading.Thread(target=self.retry_forever, name="cancel-retry", daemon=True).start()
+
+    def close(self):
+        self.stopping.set()
+        self.retry_due.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def lease(self):
+        """How long one attempt may be in flight before someone else may retry it."""
+        return self.config.connect_timeout + self.config.read_timeout + 5
+
+    def call_executor(self, address, method, path, body=None):
+        return call_json(address, method, path, body, self.config.token,
+                         self.config.connect_timeout, self.config.read_timeout)
+
+    # -- create ----------------------------------------------------------------
+
+    def create_task(self, body):
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
+            raise BadRequest(f"'name' must be a non-empty string of at most {MAX_NAME} characters")
+        cases = body.get("cases")
+        if not isinstance(cases, list) or not 1 <= len(cases) <= MAX_CASES:
+            raise BadRequest(f"'cases' must be a list of 1 to {MAX_CASES} cases")
+        for i, case in enumerate(cases):
+            if not isinstance(case, dict):
+                raise BadRequest(f"cases[{i}] must be an object with 'script' and 'args'")
+            if not isinstance(case.get("script"), str) or not case["script"]:
+                raise BadRequest(f"cases[{i}].script must be a non-empty string")
+            string_list(case.get("args", []), f"cases[{i}].args")
+        executors = body.get("executors", self.config.executors)
+        if not isinstance(executors, list) or not executors:
+            raise BadRequest("'executors' must be a non-empty list of host:port "
+                             "(none given and none configured)")
+        for address in executors:
+            check_executor_address(address)
+        now = time.time()
+        with self.db.transaction() as c:
+            task_id = c.execute("INSERT INTO collect_task (name, status, created_at)"
+                                " VALUES (?, ?, ?)", (name.strip(), PENDING, now)).lastrowid
+            for i, case in enumerate(cases):
+                c.execute(
+                    "INSERT INTO test_case_execution_instance (collect_task_id, script, args,"
+                    " executor, execution_task_id, status, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (task_id, case["script"], json.dumps(case.get("args", [])),
+                     executors[i % len(executors)],
+                     f"ct{task_id}-{i}-{secrets.token_hex(4)}", PENDING, now))
+        log.info("task=%s created with %d case(s) on %s", task_id, len(cases), executors)
+        return self.task_detail(task_id)
+
+    # -- start -----------------------------------------------------------------
+
+    def start_task(self, task_id):
+        """Dispatch every PENDING instance; each execution taskId is stored before
+        its execute is sent, so a stop that arrives mid-dispatch can address it."""
+        with self.db.transaction() as c:
+            task = self.get_task(c, task_id)
+            if task["status"] == RUNNING:
+                return self.task_detail(task_id), "task already running"
+            if not move_task(c, task_id, RUNNING, started_at=time.time()):
+                raise Conflict(f"task {task_id} is {task['status']} and cannot be started",
+                               {"status": task["status"]})
+            claimed = []
+            for inst in c.execute("SELECT * FROM test_case_execution_instance"
+                                  " WHERE collect_task_id = ? AND status = ?",
+                                  (task_id, PENDING)).fetchall():
+                if move_instance(c, inst["id"], DISPATCHING):
+                    claimed.append(dict(inst))
+        log.info("task=%s starting %d instance(s)", task_id, len(claimed))
+        futures = [self.pool.submit(self.dispatch, inst) for inst in claimed]
+        concurrent.futures.wait(futures)
+        self.finish_task_if_done(task_id)
+        return self.task_detail(task_id), "task started"
+
+    def dispatch(self, inst):
+        body = {"taskId": inst["execution_task_id"], "script": inst["script"],
+                "args": json.loads(inst["args"]),
+                "reportUrl": f"http://{self.advertise}/api/execution-instance/{inst['id']}/report"}
+        where = f"task={inst['collect_task_id']} instance={inst['id']} " \
+                f"execution={inst['execution_task_id']} executor={inst['executor']}"
+        started = time.monotonic()
+        try:
+            code, payload = self.call_executor(inst["executor"], "POST",
+                                               "/test-case-execution/execute", body)
+        except CallFailed as e:
+            # Refused: nothing started. Anything else: it may have started, so cancel it.
+            log.warning("%s execute failed: %s", where, e.text)
+            self.dispatch_failed(inst, f"execute failed: {e.text}",
+                                 may_have_started=e.kind != "refused")
+            return
+        ms = int((time.monotonic() - started) * 1000)
+        log.info("%s execute answered HTTP %s in %dms", where, code, ms)
+        if code == 200:
+            with self.db.transaction() as c:
+                if move_instance(c, inst["id"], RUNNING, started_at=time.time()):
+                    return
+                # Stopped while the execute was in flight: its cancel may have
+                # reached the executor first and found nothing, so send another.
+                c.execute("UPDATE test_case_execution_instance SET cancel_state = 'PENDING',"
+                          " cancel_next_at = ? WHERE id = ? AND status = ?"
+                          " AND cancel_state IN ('NOT_FOUND', 'NOT_NEEDED')",
+                          (time.time(), inst["id"], STOPPED))
+            self.retry_due.set()
+        else:
+            self.dispatch_failed(inst, f"executor answered HTTP {code}: {payload.get('message')}",
+                                 may_have_started=code >= 500)
+
+    def dispatch_failed(self, inst, error, may_have_started):
+        with self.db.transaction() as c:
+            fields = dict(finished_at=time.time(), error=error)
+            if may_have_started:
+                fields.update(cancel_state="PENDING", cancel_next_at=time.time())
+            move_instance(c, inst["id"], FAILED, **fields)
+        if may_have_started:
+            self.retry_due.set()
+
+    # -- stop ------------------------------------------------------------------
+
+    def stop_task(self, task_id, reason=None, who=None):
+        """The design's stop. Returns (detail, message)."""
+        now = time.time()
+        with self.db.transaction() as c:
+            task = self.get_task(c, task_id)
+            if task["status"] == STOPPED:
+                return self.task_detail(task_id), "task already stopped"
+            if task["status"] in (SUCCESS, FAILED):
+                raise Conflict("task already finished", {"status": task["status"]})
+            move_task(c, task_id, STOPPED, stopped_at=now, stopped_by=who, stop_reason=reason)
+            claimed = []
+            for inst in c.execute("SELECT * FROM test_case_execution_instance"
+                                  " WHERE collect_task_id = ? AND status IN (?, ?, ?)",
+                                  (task_id, *UNFINISHED)).fetchall():
+                dispatched = inst["status"] != PENDING
+                move_instance(c, inst["id"], STOPPED, finished_at=now,
+                              cancel_state="PENDING" if dispatched else NOT_NEEDED,
+                              cancel_attempts=1 if dispatched else 0,
+                              cancel_next_at=now + self.lease() if dispatched else None)
+                if dispatched:
+                    claimed.append(dict(inst, cancel_attempts=1))
+        log.info("task=%s stop requested by %s (reason: %s): %d cancel(s) to send",
+                 task_id, who or "anonymous", reason, len(claimed))
+        futures = [self.pool.submit(self.deliver_cancel, inst) for inst in claimed]
+        concurrent.futures.wait(futures, timeout=self.config.stop_wait)
+        detail = self.task_detail(task_id)
+        pending = sum(1 for i in detail["instances"] if i["cancel"]["state"] == "PENDING")
+        message = "task stopped" + (f"; {pending} cancel(s) pending retry" if pending else "")
+        return detail, message
+
+    def deliver_cancel(self, inst):
+        """One attempt to cancel one instance on its executor; the outcome is recorded."""
+        where = f"task={inst['collect_task_id']} instance={inst['id']} " \
+                f"execution={inst['execution_task_id']} executor={inst['executor']}"
+        attempt = inst["cancel_attempts"]
+        started = time.monotonic()
+        log.info("%s cancel attempt %d", where, attempt)
+        try:
+            code, payload = self.call_executor(
+                inst["executor"], "POST", f"/test-case-execution/cancel/{inst['execution_task_id']}")
+        except CallFailed as e:
+            code, payload, error = None, None, e.text
+        else:
+            error = None if code in (200, 404) else f"HTTP {code}: {payload.get('message')}"
+        ms = int((time.monotonic() - started) * 1000)
+        now = time.time()
+        if code == 200:
+            state, fields = DELIVERED, dict(cancel_confirmed_at=now, cancel_error=None,
+                                            cancel_result=json.dumps(payload.get("data")))
+        elif code == 404:
+            state, fields = NOT_FOUND, dict(cancel_confirmed_at=now, cancel_error=None)
+        elif code == 400:
+            state, fields = FAILED, dict(cancel_error=error)     # retrying cannot help
+        else:
+            state, fields = "PENDING", dict(
+                cancel_error=error, cancel_next_at=now + backoff(attempt, self.config.retry_max))
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.db.run(f"UPDATE test_case_execution_instance SET cancel_state = ?, {sets}"
+                    " WHERE id = ? AND cancel_state = 'PENDING'",
+                    (state, *fields.values(), inst["id"]))
+        log_at = logging.INFO if state in (DELIVERED, NOT_FOUND) else logging.WARNING
+        log.log(log_at, "%s cancel attempt %d: %s in %dms%s", where, attempt, state, ms,
+                f" ({error})" if error else "")
+        return state
+
+    def retry_forever(self):
+        """Send every due PENDING cancel; one attempt per instance at a time (a lease)."""
+        while not self.stopping.is_set():
+            now = time.time()
+            due = self.db.all("SELECT * FROM test_case_execution_instance"
+                              " WHERE cancel_state = 'PENDING' AND cancel_next_at <= ?", (now,))
+            for inst in due:
+                claimed = self.db.run(
+                    "UPDATE test_case_execution_instance SET cancel_attempts ="
+                    " cancel_attempts + 1, cancel_next_at = ? WHERE id = ?"
+                    " AND cancel_state = 'PENDING' AND cancel_next_at <= ?",
+                    (now + self.lease(), inst["id"], now))
+                if claimed:
+                    inst["cancel_attempts"] += 1
+                    try:
+                        self.pool.submit(self.deliver_cancel, inst)
+                    except RuntimeError:     # pool shut down: we are stopping
+                        return
+            nxt = self.db.one("SELECT MIN(cancel_next_at) AS t FROM test_case_execution_instance"
+                              " WHERE cancel_state = 'PENDING'")["t"]
+            wait = 5.0 if nxt is None else min(5.0, max(0.05, nxt - time.time()))
+            self.retry_due.wait(wait)
+            self.retry_due.clear()
+
+    # -- reports from executors --------------------------------------------------
+
+    def report(self, instance_id, body):
+        execution_task_id = body.get("executionTaskId")
+        status, exit_code = body.get("status"), body.get("exitCode")
+        if status not in (SUCCESS, FAILED, "CANCELLED"):
+            raise BadRequest("'status' must be SUCCESS, FAILED or CANCELLED")
+        if exit_code is not None and (not isinstance(exit_code, int) or isinstance(exit_code, bool)):
+            raise BadRequest("'exitCode' must be an integer or null")
+        if not isinstance(execution_task_id, str):
+            raise BadRequest("'executionTaskId' must be a string")
+        note = body.get("note")
+        note = note if isinstance(note, str) else None
+        with self.db.transaction() as c:
+            inst = c.execute("SELECT * FROM test_case_execution_instance WHERE id = ?",
+                             (instance_id,)).fetchone()
+            if inst is None:
+                raise NotFound(f"instance {instance_id} not found")
+            if inst["execution_task_id"] != execution_task_id:
+                raise Conflict("executionTaskId does not match this instance")
+            to = STOPPED if status == "CANCELLED" else status
+            changed = move_instance(c, instance_id, to, exit_code=exit_code,
+                                    finished_at=time.time(), error=note)
+        if changed:
+            log.info("task=%s instance=%s reported %s exit=%s", inst["collect_task_id"],
+                     instance_id, to, exit_code)
+            self.finish_task_if_done(inst["collect_task_id"])
+        else:
+            log.info("task=%s instance=%s late report %s ignored (instance is %s)",
+                     inst["collect_task_id"], instance_id, status, inst["status"])
+        return {"changed": changed, "status": to if changed else inst["status"]}
+
+    def finish_task_if_done(self, task_id):
+        """A RUNNING task whose instances have all ended becomes SUCCESS or FAILED."""
+        with self.db.transaction() as c:
+            rows = c.execute("SELECT status, COUNT(*) AS n FROM test_case_execution_instance"
+                             " WHERE collect_task_id = ? GROUP BY status", (task_id,)).fetchall()
+            counts = {r["status"]: r["n"] for r in rows}
+            if any(counts.get(s) for s in UNFINISHED):
+                return
+            to = SUCCESS if set(counts) <= {SUCCESS} else FAILED
+            if move_task(c, task_id, to, finished_at=time.time()):
+                log.info("task=%s finished %s", task_id, to)
+
+    # -- queries ---------------------------------------------------------------
+
+    def get_task(self, conn, task_id):
+        row = conn.execute("SELECT * FROM collect_task WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"collect task {task_id} not found")
+        return dict(row)
+
+    def task_detail(self, task_id):
+        task = self.get_task(self.db.conn(), task_id)
+        instances = self.db.all("SELECT * FROM test_case_execution_instance"
+                                " WHERE collect_task_id = ? ORDER BY id", (task_id,))
+        out = public_task(task, count_by_status(instances))
+        out["instances"] = [public_instance(i) for i in instances]
+        return out
+
+    def list_tasks(self, limit):
+        tasks = self.db.all("SELECT * FROM collect_task ORDER BY id DESC LIMIT ?", (limit,))
+        if not tasks:
+            return []
+        marks = ", ".join("?" * len(tasks))
+        counts = {}
+        for r in self.db.all(f"SELECT collect_task_id AS t, status, COUNT(*) AS n"
+                             f" FROM test_case_execution_instance WHERE collect_task_id"
+                             f" IN ({marks}) GROUP BY t, status", [t["id"] for t in tasks]):
+            counts.setdefault(r["t"], {})[r["status"]] = r["n"]
+        return [public_task(t, counts.get(t["id"], {})) for t in tasks]
+
+
+def count_by_status(instances):
+    counts = {}
+    for i in instances:
+        counts[i["status"]] = counts.get(i["status"], 0) + 1
+    return counts
+
+
+def public_task(t, counts):
+    return {"id": t["id"], "name": t["name"], "status": t["status"],
+            "createdAt": t["created_at"], "startedAt": t["started_at"],
+            "finishedAt": t["finished_at"], "stoppedAt": t["stopped_at"],
+            "stoppedBy": t["stopped_by"], "stopReason": t["stop_reason"],
+            "instanceCounts": counts}
+
+
+def public_instance(i):
+    return {
+        "id": i["id"], "script": i["script"], "args": json.loads(i["args"]),
+        "executor": i["executor"], "executionTaskId": i["execution_task_id"],
+        "status": i["status"], "exitCode": i["exit_code"], "error": i["error"],
+        "createdAt": i["created_at"], "startedAt": i["started_at"],
+        "finishedAt": i["finished_at"],
+        "cancel": {"state": i["cancel_state"], "attempts": i["cancel_attempts"],
+                   "error": i["cancel_error"], "confirmedAt": i["cancel_confirmed_at"],
+                   "nextAttemptAt": i["cancel_next_at"] if i["cancel_state"] == "PENDING" else None,
+                   "result": json.loads(i["cancel_result"]) if i["cancel_result"] else None},
+    }
+
+
+def check_executor_address(address):
+    m = EXECUTOR_ADDRESS_RE.match(address) if isinstance(address, str) else None
+    if not m or not 1 <= int(m.group(1)) <= 65535:
+        raise BadRequest(f"executor address {address!r} must be host:port with a port 1-65535")
+    return address
+
+
+def positive_id(value, what="id"):
+    if not re.fullmatch(r"[0-9]{1,18}", value or "") or int(value) < 1:
+        raise BadRequest(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+###############################################################################
+# HTTP routes ##################################################################
+###############################################################################
+
+def make_app(config):
+    """The collector's bottle app; app.config['collector'] is the running service."""
+    service = Collector(config)
+    app = make_bottle("collector")
+    app.config["collector"] = service
+
+    @app.post("/api/collect-task")
+    def create():
+        bottle.response.status = 201
+        return envelope(201, "task created", service.create_task(json_body()))
+
+    @app.get("/api/collect-task")
+    def list_tasks():
+        limit = bottle.request.query.get("limit", "100")
+        return envelope(200, "ok", service.list_tasks(min(positive_id(limit, "limit"), 1000)))
+
+    @app.get("/api/collect-task/<task_id>")
+    def detail(task_id):
+        return envelope(200, "ok", service.task_detail(positive_id(task_id, "task id")))
+
+    @app.post("/api/collect-task/<task_id>/start")
+    def start(task_id):
+        task_id = positive_id(task_id, "task id")
+        json_body()
+        detail, message = service.start_task(task_id)
+        return envelope(200, message, detail)
+
+    @app.post("/api/collect-task/<task_id>/stop")
+    def stop(task_id):
+        task_id = positive_id(task_id, "task id")
+        body = json_body()
+        reason = body.get("reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
+            raise BadRequest("'reason' must be a string of at most 1000 characters")
+        who = bottle.request.get_header("X-User") or None
+        detail, message = service.stop_task(task_id, reason, who and who[:100])
+        return envelope(200, message, detail)
+
+    @app.post("/api/execution-instance/<instance_id>/report")
+    def report(instance_id):
+        require_token(config.token)
+        instance_id = positive_id(instance_id, "instance id")
+        return envelope(200, "report recorded", service.report(instance_id, json_body()))
+
+    @app.get("/health")
+    def health():
+        return envelope(200, "ok", {"service": "collector", "pid": os.getpid()})
+
+    return app
+
+
+###############################################################################
+# main #########################################################################
+###############################################################################
+
+def parse_args(argv, defaults=CollectorConfig()):
+    env = os.environ.get
+    p = argparse.ArgumentParser(description="DataCollectService: collect tasks and Stop.")
+    p.add_argument("--host", default=env("COLLECTOR_HOST", defaults.host))
+    p.add_argument("--port", type=int, default=int(env("COLLECTOR_PORT", defaults.port)))
+    p.add_argument("--db", default=env("COLLECTOR_DB", defaults.db), help="SQLite file")
+    p.add_argument("--executor", action="append", default=[], metavar="HOST:PORT",
+                   help="an executor cases may run on (repeatable)")
+    p.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout,
+                   help="seconds to connect to an executor (default 10)")
+    p.add_argument("--read-timeout", type=float, default=defaults.read_timeout,
+                   help="seconds to wait for an executor's answer (default 30)")
+    p.add_argument("--stop-wait", type=float, default=defaults.stop_wait,
+                   help="the stop API answers within this many seconds (default 3)")
+    p.add_argument("--retry-max", type=float, default=defaults.retry_max,
+                   help="cap of the backoff between attempts of a pending cancel (default 30)")
+    p.add_argument("--advertise", default="",
+                   help="host:port executors use to reach this collector (default host:port)")
+    p.add_argument("--log-level", default=env("COLLECTOR_LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    executors = a.executor or [e for e in env("COLLECTOR_EXECUTORS", "").split(",") if e]
+    for address in executors:
+        if not EXECUTOR_ADDRESS_RE.match(address):
+            p.error(f"--executor {address!r} must be HOST:PORT")
+    config = CollectorConfig(
+        host=a.host, port=a.port, db=a.db, executors=executors,
+        connect_timeout=a.connect_timeout, read_timeout=a.read_timeout,
+        stop_wait=a.stop_wait, retry_max=a.retry_max, advertise=a.advertise,
+        token=env("CASE_EXEC_TOKEN", ""))
+    return config, a.log_level
+
+
+def main(argv=None):
+    config, level = parse_args(argv)
+    setup_logging(level)
+    app = make_app(config)
+    service = app.config["collector"]
+    server = make_server(app, config.host, config.port)
+    service.start()
+    log.info("collector listening on http://%s:%s executors=%s", config.host,
+             server.server_port, config.executors)
+    run_server(server, on_stop=service.close)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
