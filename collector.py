@@ -299,6 +299,8 @@ class Collector:
         self.db.run(f"UPDATE test_case_execution_instance SET cancel_state = ?, {sets}"
                     " WHERE id = ? AND cancel_state = 'PENDING'",
                     (state, *fields.values(), inst["id"]))
+        if state == "PENDING":
+            self.retry_due.set()    # the retrier's next wake-up depends on this outcome
         log_at = logging.INFO if state in (DELIVERED, NOT_FOUND) else logging.WARNING
         log.log(log_at, "%s cancel attempt %d: %s in %dms%s", where, attempt, state, ms,
                 f" ({error})" if error else "")

@@ -10,7 +10,7 @@ Cancel freezes the case's processes, sends SIGTERM, waits one shared grace
 period, sends SIGKILL to whatever is left and waits until everything is reaped. The executor is a child
 subreaper, so a case's orphans become its children instead of init's.
 
-Deployable alone: this file, schema.sql and `pip install bottle psutil`.
+Linux only. Deployable alone: this file, schema.sql and `pip install bottle`.
 collector.py imports the web plumbing below (envelope, errors, server, DB,
 HTTP client) so that both services answer and fail the same way.
 """
@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import socketserver
 import sqlite3
 import subprocess
@@ -39,7 +38,6 @@ from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import bottle
-import psutil
 
 log = logging.getLogger("executor")
 
@@ -370,92 +368,178 @@ def backoff(attempts, cap, base=0.5):
 ###############################################################################
 # Process trees ################################################################
 ###############################################################################
+# Linux only, read straight from /proc: one scan of the whole table is shared
+# by every stop in progress, which keeps many concurrent cancels cheap.
 
 PR_SET_CHILD_SUBREAPER = 36
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def become_subreaper():
     """Make orphaned case processes reparent to us, not init, so we can find and reap them."""
-    if not sys.platform.startswith("linux"):
-        return False
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
-def is_alive(proc):
-    """True while the process runs; a zombie has already exited."""
+def boot_time():
+    with open("/proc/stat") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("btime"))
+
+
+BOOT_TIME = boot_time()
+
+
+@dataclasses.dataclass(frozen=True)
+class Proc:
+    """One process as /proc showed it. (pid, create_time) is its identity:
+    the same pid with another create time is another process."""
+    pid: int
+    ppid: int
+    sid: int
+    state: str
+    create_time: float
+
+    @property
+    def key(self):
+        return (self.pid, self.create_time)
+
+    @property
+    def alive(self):
+        return self.state not in "ZX"
+
+
+def read_proc(pid):
+    """The process with this pid now, or None."""
     try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may itself hold spaces or ')'.
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return Proc(pid, int(fields[1]), int(fields[3]), fields[0].decode(),
+                round(BOOT_TIME + int(fields[19]) / CLOCK_TICKS, 2))
 
 
-def identity(proc):
-    """pid + create time: a process, never a reused pid (psutil caches the time)."""
-    return (proc.pid, proc.create_time())
+def same_process(proc, pid, create_time):
+    return proc is not None and proc.pid == pid and abs(proc.create_time - create_time) < 0.02
 
 
-def case_process_finder(run_marker, root_pid, root_create_time, known):
-    """A function that lists every live process of one case.
+def read_run_marker(pid):
+    """The case run marker in a process's environment, or None (also if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
+    except OSError:
+        return None
+    for item in env.split(b"\0"):
+        if item.startswith(b"CASE_EXEC_RUN="):
+            return item[len(b"CASE_EXEC_RUN="):].decode(errors="replace")
+    return None
 
-    Members are the root's descendants, the processes of its session, anything
-    started after the root that carries the case's environment marker (how
-    Jenkins finds escaped build processes), and any member seen before that is
-    still alive. Identity is pid + create time, so a reused pid is never taken.
-    `known` (dict identity -> Process) is kept up to date as a side effect."""
-    me = os.getpid()
-    marker = f"{RUN_MARKER_ENV}={run_marker}".encode()
-    since = (root_create_time or 0) - 0.05
 
-    def has_marker(pid):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                return marker in f.read().split(b"\0")
-        except OSError:
-            return False
+class Snapshot:
+    """The process table at one moment, with each process's run marker."""
 
-    def find():
-        children = {}
-        procs = {}
-        for p in psutil.process_iter(["ppid", "create_time", "status"]):
-            if p.pid == me or p.info["create_time"] is None:
-                continue
-            procs[p.pid] = p
-            children.setdefault(p.info["ppid"], []).append(p.pid)
+    def __init__(self, procs, markers, started):
+        self.procs = procs          # pid -> Proc
+        self.markers = markers      # (pid, create_time) -> marker or None
+        self.started = started
+        self.children = {}
+        for p in procs.values():
+            self.children.setdefault(p.ppid, []).append(p.pid)
+
+    def current(self, proc):
+        """proc as this snapshot sees it, or None if it is gone."""
+        now = self.procs.get(proc.pid)
+        return now if now is not None and now.key == proc.key else None
+
+    def case_members(self, run_marker, root_pid, root_create_time, known):
+        """Every live process of one case: the root's descendants, the processes
+        of its session, anything started after the root that carries its run
+        marker (how Jenkins finds escaped build processes), and any member seen
+        before that is still alive. `known` (key -> Proc) is kept up to date."""
+        me = os.getpid()
         members = {}
-        root = procs.get(root_pid)
-        root_alive = root is not None and abs(root.info["create_time"] - root_create_time) < 0.02
-        # The session id is the root's pid; once that pid is reused it names another session.
-        session_ours = root is None or root_alive
+        root = self.procs.get(root_pid)
+        root_alive = same_process(root, root_pid, root_create_time)
         if root_alive:
             stack = [root_pid]
             while stack:
                 pid = stack.pop()
-                members[pid] = procs[pid]
-                stack.extend(c for c in children.get(pid, ()) if c in procs)
-        for pid, p in procs.items():
-            if pid in members or p.info["create_time"] < since:
+                members[pid] = self.procs[pid]
+                stack.extend(self.children.get(pid, ()))
+        # The session id is the root's pid; once that pid is reused it names another session.
+        session_ours = root is None or root_alive
+        since = root_create_time - 0.05
+        for pid, p in self.procs.items():
+            if pid in members or pid == me or p.create_time < since:
                 continue
-            try:
-                in_session = session_ours and os.getsid(pid) == root_pid
-            except OSError:
-                in_session = False
-            if in_session or has_marker(pid):
+            if (session_ours and p.sid == root_pid) or self.markers.get(p.key) == run_marker:
                 members[pid] = p
-        for (pid, ctime), p in list(known.items()):
-            seen = procs.get(pid)
-            if seen is not None and abs(seen.info["create_time"] - ctime) < 0.02:
-                members.setdefault(pid, seen)
+        for key, p in list(known.items()):
+            now = self.current(p)
+            if now is None:
+                del known[key]
             else:
-                known.pop((pid, ctime), None)
-        live = [p for p in members.values() if p.info["status"] != psutil.STATUS_ZOMBIE]
-        for p in live:
-            known[(p.pid, p.info["create_time"])] = p
+                members.setdefault(p.pid, now)
+        live = [p for p in members.values() if p.alive]
+        known.update((p.key, p) for p in live)
         return live
 
-    return find
+
+class ProcessTable:
+    """Scans of /proc, shared: whoever asks for a scan newer than a moment gets
+    the next one that started after it, so concurrent stops coalesce."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.latest = None
+        self.scanning = False
+        self.markers = {}   # read once per process: the environment is set at exec
+
+    def snapshot(self, not_before=None):
+        not_before = time.monotonic() if not_before is None else not_before
+        with self.cond:
+            while True:
+                if self.latest is not None and self.latest.started >= not_before:
+                    return self.latest
+                if not self.scanning:
+                    self.scanning = True
+                    break
+                self.cond.wait()
+        try:
+            snap = self.scan()
+        finally:
+            with self.cond:
+                self.scanning = False
+                self.cond.notify_all()
+        with self.cond:
+            self.latest = snap
+        return snap
+
+    def scan(self):
+        started = time.monotonic()
+        procs = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                p = read_proc(int(name))
+                if p is not None:
+                    procs[p.pid] = p
+        markers = {}
+        for p in procs.values():
+            markers[p.key] = (self.markers[p.key] if p.key in self.markers
+                              else read_run_marker(p.pid))
+        self.markers = markers
+        return Snapshot(procs, markers, started)
+
+
+PROCESS_TABLE = ProcessTable()
+
+
+def case_finder(run_marker, root_pid, root_create_time, known, table=PROCESS_TABLE):
+    """find() -> the case's live processes, from a scan taken after the call."""
+    return lambda: table.snapshot().case_members(run_marker, root_pid, root_create_time, known)
 
 
 @dataclasses.dataclass
@@ -472,86 +556,106 @@ class StopResult:
                 "survivorPids": self.survivors, "elapsedMs": self.elapsed_ms}
 
 
-def send(proc, sig):
-    try:
-        proc.send_signal(sig)
-        return True
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.AccessDenied:
-        log.warning("pid=%s cannot be sent %s: permission denied", proc.pid, sig.name)
+class Signaller:
+    """Signals processes through pidfds opened after checking identity, so a
+    pid reused by another process mid-stop is never hit."""
+
+    def __init__(self):
+        self.fds = {}
+
+    def send(self, proc, sig):
+        """False only when we may not signal it (the kernel says permission denied)."""
+        try:
+            fd = self.fds.get(proc.key)
+            if fd is None:
+                fd = os.pidfd_open(proc.pid)
+                if not same_process(read_proc(proc.pid), *proc.key):
+                    os.close(fd)
+                    return True
+                self.fds[proc.key] = fd
+            signal.pidfd_send_signal(fd, sig)
+            log.debug("pid=%s %s", proc.pid, sig.name)
+            return True
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            log.warning("pid=%s cannot be sent %s: permission denied", proc.pid, sig.name)
+            return False
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def awaiting_reap(proc):
+    """Alive, or a zombie that we, its parent, have not collected yet. A zombie
+    of an adopted case belongs to init; waiting for it here would be in vain."""
+    now = read_proc(proc.pid)
+    if not same_process(now, *proc.key):
         return False
-
-
-def freeze(find, frozen):
-    """SIGSTOP every process find() lists until a scan shows nothing new.
-
-    A stopped process cannot fork, so the set converges even when the case
-    keeps forking while it is being stopped."""
-    for _ in range(200):
-        fresh = [p for p in find() if identity(p) not in frozen]
-        if not fresh:
-            return
-        for p in fresh:
-            send(p, signal.SIGSTOP)
-            frozen[identity(p)] = p
+    return now.alive or now.ppid == os.getpid()
 
 
 def stop_tree(find, grace, poll=0.02, kill_wait=2.0, reap_wait=2.0):
     """End every process find() lists: SIGTERM, one shared grace, SIGKILL, reap.
 
-    1. freeze the whole set (SIGSTOP, rescanning until nothing new appears);
+    1. freeze the whole set (SIGSTOP, rescanning until nothing new appears: a
+       stopped process cannot fork, so even a fork storm converges);
     2. SIGTERM all, then SIGCONT all, so stopped processes act on it at once;
     3. wait until all are gone, up to one grace deadline for the whole set,
        terminating any newcomer found meanwhile;
-    4. at the deadline freeze and SIGKILL whatever is left, until a scan is empty;
-    5. wait for the dead to be reaped; anything still alive is a survivor."""
+    4. at the deadline SIGKILL whatever is left, until a scan is empty;
+    5. wait until the dead are reaped; anything still alive is a survivor."""
     started = time.monotonic()
     deadline = started + grace
-    result = StopResult()
+    signals = Signaller()
     members = {}
+    killed = set()
 
-    def term_newcomers():
-        before = set(members)
-        freeze(find, members)
-        fresh = [members[k] for k in members if k not in before]
-        for p in fresh:
-            log.debug("pid=%s SIGTERM", p.pid)
-            send(p, signal.SIGTERM)
-        for p in fresh:
-            send(p, signal.SIGCONT)
-        return fresh
+    def freeze_newcomers():
+        fresh = []
+        for _ in range(1000):
+            live = find()
+            new = [p for p in live if p.key not in members]
+            if not new:
+                return fresh, live
+            for p in new:
+                signals.send(p, signal.SIGSTOP)
+                members[p.key] = p
+            fresh += new
+        return fresh, live
 
-    while True:
-        term_newcomers()
-        if not any(is_alive(p) for p in members.values()) or time.monotonic() >= deadline:
-            break
-        time.sleep(poll)
-    needed_kill = set()
-    kill_deadline = time.monotonic() + kill_wait
-    while time.monotonic() < kill_deadline:
-        left = {identity(p): p for p in find()}
-        left.update({k: p for k, p in members.items() if is_alive(p)})
-        if not left:
-            break
-        for k, p in left.items():
-            members.setdefault(k, p)
-            if k not in needed_kill:
-                log.debug("pid=%s SIGKILL", p.pid)
-            needed_kill.add(k)
-            send(p, signal.SIGKILL)
-        time.sleep(poll)
-    reap_deadline = time.monotonic() + reap_wait
-    while time.monotonic() < reap_deadline:
-        if not any(p.is_running() for p in members.values()):
-            break
-        time.sleep(poll)
-    result.signalled = len(members)
-    result.survivors = sorted(p.pid for p in members.values() if is_alive(p))
-    result.killed = len(needed_kill)
-    result.terminated = result.signalled - result.killed
-    result.elapsed_ms = int((time.monotonic() - started) * 1000)
-    return result
+    try:
+        while True:
+            fresh, live = freeze_newcomers()
+            for p in fresh:
+                signals.send(p, signal.SIGTERM)
+            for p in fresh:
+                signals.send(p, signal.SIGCONT)
+            if not live or time.monotonic() >= deadline:
+                break
+            time.sleep(poll)
+        kill_deadline = time.monotonic() + kill_wait
+        while live and time.monotonic() < kill_deadline:
+            for p in live:
+                members.setdefault(p.key, p)
+                killed.add(p.key)
+                signals.send(p, signal.SIGKILL)
+            time.sleep(poll)
+            live = find()
+        reap_deadline = time.monotonic() + reap_wait
+        while any(awaiting_reap(p) for p in members.values()):
+            if time.monotonic() >= reap_deadline:
+                break
+            time.sleep(poll)
+    finally:
+        signals.close()
+    survivors = [p.pid for p in members.values() if (now := read_proc(p.pid))
+                 and same_process(now, *p.key) and now.alive]
+    return StopResult(signalled=len(members), terminated=len(members) - len(killed),
+                      killed=len(killed), survivors=sorted(survivors),
+                      elapsed_ms=int((time.monotonic() - started) * 1000))
 
 
 ###############################################################################
@@ -582,8 +686,7 @@ class Execution:
         self.last_stop = None
 
     def find(self):
-        return case_process_finder(self.run_marker, self.root_pid, self.root_create_time,
-                                   self.known)
+        return case_finder(self.run_marker, self.root_pid, self.root_create_time, self.known)
 
 
 class Executor:
@@ -651,7 +754,7 @@ class Executor:
                 raise Conflict(f"task {task_id} already exists")
             try:
                 pid = self.spawn(task_id, run_marker, path, args, log_path)
-                ctime = psutil.Process(pid).create_time()
+                ctime = read_proc(pid).create_time
             except Exception:
                 self.db.run("DELETE FROM execution WHERE task_id = ?", (task_id,))
                 raise internal_error("execute", f"could not start {script}")
@@ -686,9 +789,9 @@ class Executor:
 
     def cancel(self, task_id):
         """The design's cancel: end the whole tree; 404 when unknown or finished."""
-        row = self.db.one("SELECT status FROM execution WHERE task_id = ?", (task_id,))
-        if row is None:
-            with self.lock:
+        with self.lock:     # the same lock as execute's check-and-insert: no late execute
+            row = self.db.one("SELECT status FROM execution WHERE task_id = ?", (task_id,))
+            if row is None:
                 self.tombstones[task_id] = time.monotonic() + TOMBSTONE_SECONDS
         if row is None or row["status"] in FINAL:
             raise NotFound("task not found or already finished", {"taskId": task_id})
@@ -766,10 +869,7 @@ class Executor:
             with self.lock:
                 adopted = [ex for ex in self.running.values() if not ex.child]
             for ex in adopted:
-                try:
-                    alive = psutil.Process(ex.root_pid).create_time() == ex.root_create_time
-                except psutil.NoSuchProcess:
-                    alive = False
+                alive = same_process(read_proc(ex.root_pid), ex.root_pid, ex.root_create_time)
                 if not alive and not ex.root_gone:
                     ex.root_gone = True
                     threading.Thread(target=self.root_exited, args=(ex,), daemon=True).start()

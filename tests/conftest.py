@@ -93,3 +93,10 @@ def start_collector(tmp_path):
     yield start
     for svc in started:
         svc.stop()
+
+
+@pytest.fixture
+def two_machines(start_executor):
+    """Executors on 127.0.0.2 and 127.0.0.3, as on two lab machines."""
+    return [start_executor(host="127.0.0.2", name="lab2"),
+            start_executor(host="127.0.0.3", name="lab3")]

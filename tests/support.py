@@ -260,3 +260,41 @@ def unconnectable(host="127.0.0.1"):
 def closed_address(host="127.0.0.1"):
     """An address where nothing listens: connects are refused at once."""
     return f"{host}:{free_port(host)}"
+
+
+# -- the collector's API, as the tests and the demo use it ----------------------
+
+def fake_case(path, *args):
+    return {"script": "fake_case.py", "args": ["--pid-file", path, *args]}
+
+
+def create(col, cases, executors=None, name="collect"):
+    body = {"name": name, "cases": cases}
+    if executors is not None:
+        body["executors"] = executors
+    code, resp = col.call("POST", "/api/collect-task", body)
+    assert code == 201, resp
+    return resp["data"]
+
+
+def detail(col, task_id):
+    code, resp = col.call("GET", f"/api/collect-task/{task_id}")
+    assert code == 200, resp
+    return resp["data"]
+
+
+def start(col, task_id):
+    code, resp = col.call("POST", f"/api/collect-task/{task_id}/start")
+    assert code == 200, resp
+    return resp["data"]
+
+
+def stop(col, task_id, reason=None, user=None):
+    headers = {"X-User": user} if user else None
+    return col.call("POST", f"/api/collect-task/{task_id}/stop",
+                    {"reason": reason} if reason else None, headers=headers)
+
+
+def wait_task(col, task_id, status, timeout=15):
+    return wait_until(lambda: (d := detail(col, task_id))["status"] == status and d,
+                      timeout, 0.05, f"task {task_id} to be {status}")

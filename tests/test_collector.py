@@ -6,51 +6,8 @@ import time
 import pytest
 
 import executor as executor_module
-from support import (SilentListener, assert_all_gone, closed_address, read_pid_file,
-                     running, unconnectable, wait_gone, wait_pid_file, wait_until)
-
-
-def fake_case(path, *args):
-    return {"script": "fake_case.py", "args": ["--pid-file", path, *args]}
-
-
-def create(col, cases, executors=None, name="collect"):
-    body = {"name": name, "cases": cases}
-    if executors is not None:
-        body["executors"] = executors
-    code, resp = col.call("POST", "/api/collect-task", body)
-    assert code == 201, resp
-    return resp["data"]
-
-
-def detail(col, task_id):
-    code, resp = col.call("GET", f"/api/collect-task/{task_id}")
-    assert code == 200, resp
-    return resp["data"]
-
-
-def start(col, task_id):
-    code, resp = col.call("POST", f"/api/collect-task/{task_id}/start")
-    assert code == 200, resp
-    return resp["data"]
-
-
-def stop(col, task_id, reason=None, user=None):
-    headers = {"X-User": user} if user else None
-    return col.call("POST", f"/api/collect-task/{task_id}/stop",
-                    {"reason": reason} if reason else None, headers=headers)
-
-
-def wait_task(col, task_id, status, timeout=15):
-    return wait_until(lambda: (d := detail(col, task_id))["status"] == status and d,
-                      timeout, 0.05, f"task {task_id} to be {status}")
-
-
-@pytest.fixture
-def two_machines(start_executor):
-    """Executors on 127.0.0.2 and 127.0.0.3, as on two lab machines."""
-    return [start_executor(host="127.0.0.2", name="lab2"),
-            start_executor(host="127.0.0.3", name="lab3")]
+from support import (SilentListener, assert_all_gone, closed_address, create, detail,
+                     fake_case, running, start, stop, unconnectable, wait_pid_file, wait_task)
 
 
 def test_create_start_stop_ends_every_process_on_both_machines(

@@ -11,8 +11,8 @@ import uuid
 import psutil
 import pytest
 
-from support import (ROOT, assert_all_gone, describe, exists, read_pid_file, running,
-                     wait_gone, wait_pid_file, wait_until)
+from support import (ROOT, assert_all_gone, read_pid_file, running, wait_gone, wait_pid_file,
+                     wait_until)
 
 GRACE = 1.0
 
@@ -313,10 +313,9 @@ def test_stop_tree_reports_a_process_it_cannot_signal_as_a_survivor():
     victim = subprocess.Popen(["sleep", "60"], user="nobody")
     try:
         script = (
-            "import json, psutil, executor\n"
-            f"p = psutil.Process({victim.pid})\n"
-            "r = executor.stop_tree(lambda: [p] if executor.is_alive(p) else [], 0.3,\n"
-            "                       kill_wait=0.5, reap_wait=0.2)\n"
+            "import json, executor\n"
+            f"find = lambda: [p for p in [executor.read_proc({victim.pid})] if p and p.alive]\n"
+            "r = executor.stop_tree(find, 0.3, kill_wait=0.5, reap_wait=0.2)\n"
             "print(json.dumps(r.as_dict()))\n")
         out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                              text=True, timeout=30, preexec_fn=drop_cap_kill)

@@ -1,0 +1,316 @@
+"""Stop under faults: hung and dead executors, restarts of either service,
+races, and many stops at once. Every fault is real: sockets that never answer,
+processes killed with SIGKILL, services restarted on the same database."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from support import (SilentListener, assert_all_gone, create, detail, fake_case, read_pid_file,
+                     running, start, stop, wait_gone, wait_pid_file, wait_task, wait_until)
+
+
+def execution_ids(task):
+    return [i["executionTaskId"] for i in task["instances"]]
+
+
+def cancels_received(ex, execution_task_id):
+    return ex.log_text().count(f"task={execution_task_id} cancel requested")
+
+
+def in_threads(n, fn, *args):
+    """Run fn(*args) in n threads at once; their results, in order."""
+    results = [None] * n
+    barrier = threading.Barrier(n)
+
+    def run(i):
+        barrier.wait()
+        results[i] = fn(*args)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+# -- bounded stop latency --------------------------------------------------------
+
+def test_cancels_go_out_in_parallel_and_the_stop_answers_within_stop_wait(
+        start_executor, start_collector, pid_file):
+    """Instances on two hung machines first in line; a one-after-another loop
+    would spend 2 x read timeout before reaching the live machine."""
+    hung1 = start_executor(host="127.0.0.2", name="hung1")
+    hung2 = start_executor(host="127.0.0.3", name="hung2")
+    live = start_executor(host="127.0.0.4", name="live")
+    col = start_collector([hung1.address, hung2.address, live.address],
+                          read_timeout=4.0, stop_wait=1.5)
+    paths = [pid_file() for _ in range(3)]
+    task = create(col, [fake_case(p) for p in paths])
+    start(col, task["id"])
+    live_entries = wait_pid_file(paths[2], 1)
+    listeners = []
+    try:
+        for ex in (hung1, hung2):
+            ex.kill9()      # the executor dies and something on its port never answers
+            listeners.append(SilentListener(ex.host, ex.port))
+        started = time.monotonic()
+        code, resp = stop(col, task["id"])
+        elapsed = time.monotonic() - started
+        assert code == 200, resp
+        assert elapsed < 1.5 + 1.0, f"stop took {elapsed:.1f}s"
+        states = [i["cancel"]["state"] for i in resp["data"]["instances"]]
+        assert states == ["PENDING", "PENDING", "DELIVERED"]
+        assert "2 cancel(s) pending retry" in resp["message"]
+        assert_all_gone(live_entries)
+        # Delivery goes on in the background and ends in a read timeout, recorded.
+        wait_until(lambda: all("no answer" in (i["cancel"]["error"] or "")
+                               for i in detail(col, task["id"])["instances"][:2]),
+                   10, 0.1, "the hung cancels to time out")
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
+# -- cancels are never lost ------------------------------------------------------------
+
+def test_an_executor_back_from_the_dead_gets_its_cancel_and_ends_the_tree(
+        start_executor, start_collector, pid_file):
+    lab = start_executor(host="127.0.0.2", name="lab")
+    col = start_collector([lab.address], retry_max=0.5)
+    path = pid_file()
+    task = create(col, [fake_case(path, "--children", "3", "--depth", "2")])
+    start(col, task["id"])
+    entries = wait_pid_file(path, 13)
+    lab.kill9()                              # cases keep running without their executor
+    assert all(running(*e) for e in entries)
+    code, resp = stop(col, task["id"])
+    assert code == 200 and resp["data"]["instances"][0]["cancel"]["state"] == "PENDING"
+    wait_until(lambda: detail(col, task["id"])["instances"][0]["cancel"]["attempts"] >= 3,
+               10, 0.1, "retries while the executor is down")
+    inst = detail(col, task["id"])["instances"][0]
+    assert "refused" in inst["cancel"]["error"] and inst["cancel"]["nextAttemptAt"]
+
+    lab.start()                              # same address, same database: adopts the case
+    final = wait_until(lambda: (i := detail(col, task["id"])["instances"][0])["cancel"]["state"]
+                       == "DELIVERED" and i, 10, 0.1, "the cancel to be delivered")
+    assert final["cancel"]["confirmedAt"] and final["cancel"]["error"] is None
+    assert final["cancel"]["result"]["survivors"] == 0
+    wait_gone(entries, 10)
+    assert "adopted root" in lab.log_text()
+
+
+def test_a_collector_restarted_between_stop_and_delivery_resumes_the_cancel(
+        start_executor, start_collector, pid_file):
+    lab = start_executor(host="127.0.0.2", name="lab")
+    col = start_collector([lab.address], retry_max=0.5)
+    path = pid_file()
+    task = create(col, [fake_case(path, "--children", "2")])
+    start(col, task["id"])
+    entries = wait_pid_file(path, 3)
+    lab.kill9()
+    assert stop(col, task["id"])[0] == 200
+    col.stop()                               # the collector goes down with a cancel pending
+    lab.start()
+    assert all(running(*e) for e in entries), "nobody has delivered the cancel yet"
+    col.start()
+    wait_until(lambda: detail(col, task["id"])["instances"][0]["cancel"]["state"] == "DELIVERED",
+               10, 0.1, "the resumed cancel to be delivered")
+    wait_gone(entries, 10)
+    assert "pending cancel(s) resumed" in col.log_text()
+
+
+# -- executor restarts -----------------------------------------------------------------
+
+def test_executor_killed_and_restarted_can_still_cancel_the_whole_tree(
+        start_executor, pid_file):
+    lab = start_executor()
+    path = pid_file()
+    code, resp = lab.call("POST", "/test-case-execution/execute", {
+        "taskId": "adopt-me", "script": "fake_case.py",
+        "args": ["--pid-file", path, "--children", "2", "--depth", "2", "--daemonize",
+                 "--ignore-sigterm"]})
+    assert code == 200
+    entries = wait_pid_file(path, 9)    # the daemon's intermediate parent exits at once
+    wait_until(lambda: sum(running(*e) for e in entries) == 8, 5, message="8 running")
+    lab.kill9()
+    assert sum(running(*e) for e in entries) == 8, "cases survive the executor"
+    lab.start()
+    code, resp = lab.call("GET", "/test-case-execution/tasks")
+    assert [t["taskId"] for t in resp["data"]] == ["adopt-me"]
+    code, resp = lab.call("POST", "/test-case-execution/cancel/adopt-me")
+    assert code == 200, resp
+    assert resp["data"]["survivors"] == 0 and resp["data"]["killed"] == 8
+    wait_gone(read_pid_file(path), 10)
+
+
+def test_case_that_ended_while_the_executor_was_down_is_reported(
+        start_executor, start_collector, pid_file):
+    lab = start_executor(host="127.0.0.2", name="lab")
+    col = start_collector([lab.address])
+    path = pid_file()
+    task = create(col, [fake_case(path, "--duration", "1")])
+    start(col, task["id"])
+    entries = wait_pid_file(path, 1)
+    lab.kill9()
+    wait_until(lambda: not running(*entries[0]), 10, 0.05, "the case to end")
+    lab.start()
+    final = wait_task(col, task["id"], "FAILED")
+    inst = final["instances"][0]
+    assert inst["status"] == "FAILED" and inst["exitCode"] is None
+    assert "exit code unknown" in inst["error"]
+
+
+# -- races -------------------------------------------------------------------------------
+
+def test_execute_after_cancel_of_an_unknown_task_id_is_refused(start_executor, pid_file):
+    """The executor remembers cancelled taskIds: a late execute never runs."""
+    lab = start_executor()
+    assert lab.call("POST", "/test-case-execution/cancel/late-1")[0] == 404
+    path = pid_file()
+    code, resp = lab.call("POST", "/test-case-execution/execute", {
+        "taskId": "late-1", "script": "fake_case.py", "args": ["--pid-file", path]})
+    assert code == 409 and "cancelled before it started" in resp["message"]
+    assert read_pid_file(path) == []
+
+
+@pytest.mark.parametrize("round_", range(4))
+def test_stop_while_dispatch_is_in_flight_leaves_nothing_running(
+        start_executor, start_collector, pid_file, round_):
+    """The executor is frozen (SIGSTOP) so the execute is sent but not answered;
+    the stop comes in; then the executor runs both requests in whatever order."""
+    lab = start_executor(host="127.0.0.2", name="lab")
+    col = start_collector([lab.address], read_timeout=10.0, stop_wait=1.0, retry_max=0.5)
+    paths = [pid_file() for _ in range(3)]
+    task = create(col, [fake_case(p, "--children", "2") for p in paths])
+    os.kill(lab.proc.pid, signal.SIGSTOP)
+    try:
+        starter = threading.Thread(target=col.call, args=(
+            "POST", f"/api/collect-task/{task['id']}/start"))
+        starter.start()
+        wait_until(lambda: all(i["status"] == "DISPATCHING"
+                               for i in detail(col, task["id"])["instances"]),
+                   5, 0.02, "dispatch to be in flight")
+        code, resp = stop(col, task["id"])
+        assert code == 200
+        assert [i["status"] for i in resp["data"]["instances"]] == ["STOPPED"] * 3
+    finally:
+        os.kill(lab.proc.pid, signal.SIGCONT)
+    starter.join(20)
+    wait_until(lambda: all(i["cancel"]["state"] in ("DELIVERED", "NOT_FOUND")
+                           for i in detail(col, task["id"])["instances"]),
+               15, 0.05, "every cancel to be confirmed")
+    wait_until(lambda: not lab.call("GET", "/test-case-execution/tasks")[1]["data"], 15, 0.05,
+               "nothing running on the executor")
+    for p in paths:
+        wait_gone(read_pid_file(p), 10)
+    final = detail(col, task["id"])
+    assert final["status"] == "STOPPED"
+    assert [i["status"] for i in final["instances"]] == ["STOPPED"] * 3
+
+
+def test_stop_as_cases_exit_on_their_own_has_one_final_state(
+        start_executor, start_collector, pid_file):
+    lab = start_executor(host="127.0.0.2", name="lab")
+    col = start_collector([lab.address])
+
+    def reported(execution_task_id):
+        st = lab.call("GET", f"/test-case-execution/status/{execution_task_id}")[1]["data"]
+        return st["report"]["state"] == "DELIVERED"
+
+    for delay in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5):
+        task = create(col, [fake_case(pid_file(), "--duration", "0.3") for _ in range(2)])
+        start(col, task["id"])
+        time.sleep(delay)       # the race itself: stop lands around the cases' own exit
+        code, resp = stop(col, task["id"])
+        assert code in (200, 409), resp
+        # Every outcome, late ones included, has reached the collector ...
+        wait_until(lambda: all(reported(e) for e in execution_ids(task)), 10, 0.05,
+                   "the executor's reports")
+        final = detail(col, task["id"])
+        if code == 200:
+            # ... and none overwrote the stop.
+            assert final["status"] == "STOPPED"
+            stopped = {i["id"] for i in resp["data"]["instances"] if i["status"] == "STOPPED"}
+            assert stopped, "the stop found something to stop"
+            for inst in final["instances"]:
+                assert inst["status"] == ("STOPPED" if inst["id"] in stopped else "SUCCESS")
+        else:
+            assert resp["message"] == "task already finished"
+            assert final["status"] == "SUCCESS"
+    assert "error id" not in col.log_text() and "error id" not in lab.log_text()
+
+
+def test_two_stops_at_once_send_exactly_one_cancel_per_instance(
+        two_machines, start_collector, pid_file):
+    col = start_collector([e.address for e in two_machines])
+    paths = [pid_file() for _ in range(4)]
+    task = create(col, [fake_case(p, "--children", "2") for p in paths])
+    start(col, task["id"])
+    entries = [e for p in paths for e in wait_pid_file(p, 3)]
+    results = in_threads(5, stop, col, task["id"])
+    assert [code for code, _ in results] == [200] * 5
+    assert sum(r["message"] == "task stopped" for _, r in results) == 1
+    for inst, ex in zip(detail(col, task["id"])["instances"], two_machines * 2):
+        assert inst["cancel"]["attempts"] == 1
+        assert cancels_received(ex, inst["executionTaskId"]) == 1
+    assert_all_gone(entries)
+
+
+def test_start_twice_at_once_dispatches_once_and_start_after_stop_is_refused(
+        two_machines, start_collector, pid_file):
+    col = start_collector([e.address for e in two_machines])
+    task = create(col, [fake_case(pid_file()) for _ in range(4)])
+    results = in_threads(4, col.call, "POST", f"/api/collect-task/{task['id']}/start")
+    assert [code for code, _ in results] == [200] * 4
+    log = "".join(ex.log_text() for ex in two_machines)
+    for execution_task_id in execution_ids(task):
+        assert log.count(f"task={execution_task_id} started") == 1
+    assert stop(col, task["id"])[0] == 200
+    code, resp = col.call("POST", f"/api/collect-task/{task['id']}/start")
+    assert code == 409 and "STOPPED" in resp["message"]
+
+
+# -- many stops at once --------------------------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_50_tasks_stopped_by_50_clients_at_once(start_executor, start_collector, pid_file):
+    labs = [start_executor(host=f"127.0.0.{n}", name=f"lab{n}") for n in (2, 3, 4)]
+    col = start_collector([e.address for e in labs], read_timeout=30.0, stop_wait=3.0)
+    tasks, paths = [], []
+    for _ in range(50):
+        ps = [pid_file() for _ in range(4)]
+        paths += ps
+        tasks.append(create(col, [fake_case(p) for p in ps]))
+    for t in tasks:
+        start(col, t["id"])
+    entries = [e for p in paths for e in wait_pid_file(p, 1, timeout=60)]
+
+    barrier = threading.Barrier(50)
+    results = {}
+
+    def client(task_id):
+        barrier.wait()
+        results[task_id] = stop(col, task_id)
+
+    threads = [threading.Thread(target=client, args=(t["id"],)) for t in tasks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 50
+    assert all(code == 200 for code, _ in results.values()), \
+        [r for r in results.values() if r[0] != 200][:3]
+    for t in tasks:
+        assert all(i["status"] == "STOPPED" for i in detail(col, t["id"])["instances"])
+    wait_gone(entries, 60)
+    wait_until(lambda: all(i["cancel"]["state"] == "DELIVERED"
+                           for t in tasks for i in detail(col, t["id"])["instances"]),
+               60, 0.2, "every cancel to be delivered")
+    for svc in (col, *labs):
+        assert "database is locked" not in svc.log_text()
+        assert "error id" not in svc.log_text()
