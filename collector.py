@@ -26,10 +26,10 @@ import time
 
 import bottle
 
-from executor import (CONNECT_TIMEOUT, READ_TIMEOUT, BadRequest, CallFailed, Conflict,
-                      Database, NotFound, backoff, call_json, compare_and_set, envelope,
-                      json_body, make_bottle, make_server, require_token, run_server,
-                      setup_logging, string_list)
+from executor import (CONNECT_TIMEOUT, READ_TIMEOUT, TOKEN_ENV, BadRequest, CallFailed,
+                      Conflict, Database, NotFound, backoff, call_json, check_script,
+                      compare_and_set, envelope, json_body, make_bottle, make_server,
+                      parse_tokens, require_token, run_server, setup_logging, string_list)
 
 log = logging.getLogger("collector")
 
@@ -54,7 +54,8 @@ class CollectorConfig:
     stop_wait: float = 3.0
     retry_max: float = 30.0       # cap of the backoff between cancel attempts
     advertise: str = ""           # host:port executors use to report back; default host:port
-    token: str = ""               # sent to executors
+    token: str = ""               # shared with executors: sent to them, required on reports
+    api_tokens: dict = dataclasses.field(default_factory=dict)  # name -> secret, for the API
     workers: int = 64             # bounded pool for calls to executors
 
 
@@ -147,8 +148,7 @@ class Collector:
         for i, case in enumerate(cases):
             if not isinstance(case, dict):
                 raise BadRequest(f"cases[{i}] must be an object with 'script' and 'args'")
-            if not isinstance(case.get("script"), str) or not case["script"]:
-                raise BadRequest(f"cases[{i}].script must be a non-empty string")
+            check_script(case.get("script"), f"cases[{i}].script")
             string_list(case.get("args", []), f"cases[{i}].args")
         executors = body.get("executors", self.config.executors)
         if not isinstance(executors, list) or not executors:
@@ -454,9 +454,12 @@ def make_app(config):
     service = Collector(config)
     app = make_bottle("collector")
     app.config["collector"] = service
+    executor_tokens = {"executor": config.token} if config.token else {}
+    caller = lambda: require_token(config.api_tokens)    # noqa: E731
 
     @app.post("/api/collect-task")
     def create():
+        caller()
         bottle.response.status = 201
         return envelope(201, "task created", service.create_task(json_body()))
 
@@ -471,6 +474,7 @@ def make_app(config):
 
     @app.post("/api/collect-task/<task_id>/start")
     def start(task_id):
+        caller()
         task_id = positive_id(task_id, "task id")
         json_body()
         detail, message = service.start_task(task_id)
@@ -478,18 +482,19 @@ def make_app(config):
 
     @app.post("/api/collect-task/<task_id>/stop")
     def stop(task_id):
+        token_name = caller()
         task_id = positive_id(task_id, "task id")
         body = json_body()
         reason = body.get("reason")
         if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
             raise BadRequest("'reason' must be a string of at most 1000 characters")
-        who = bottle.request.get_header("X-User") or None
-        detail, message = service.stop_task(task_id, reason, who and who[:100])
+        who = (bottle.request.get_header("X-User") or "")[:100] or token_name
+        detail, message = service.stop_task(task_id, reason, who)
         return envelope(200, message, detail)
 
     @app.post("/api/execution-instance/<instance_id>/report")
     def report(instance_id):
-        require_token(config.token)
+        require_token(executor_tokens)      # only an executor may report
         instance_id = positive_id(instance_id, "instance id")
         return envelope(200, "report recorded", service.report(instance_id, json_body()))
 
@@ -522,6 +527,12 @@ def parse_args(argv, defaults=CollectorConfig()):
                    help="cap of the backoff between attempts of a pending cancel (default 30)")
     p.add_argument("--advertise", default="",
                    help="host:port executors use to reach this collector (default host:port)")
+    p.add_argument("--token", default=env(TOKEN_ENV, ""),
+                   help=f"shared with the executors: sent to them, required on their reports "
+                        f"(prefer ${TOKEN_ENV}: arguments are visible in ps)")
+    p.add_argument("--api-token", default=env("COLLECTOR_API_TOKENS", ""),
+                   help="require a bearer token on create/start/stop: 'secret' or "
+                        "'name:secret,name:secret' (prefer $COLLECTOR_API_TOKENS)")
     p.add_argument("--log-level", default=env("COLLECTOR_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     executors = a.executor or [e for e in env("COLLECTOR_EXECUTORS", "").split(",") if e]
@@ -532,7 +543,7 @@ def parse_args(argv, defaults=CollectorConfig()):
         host=a.host, port=a.port, db=a.db, executors=executors,
         connect_timeout=a.connect_timeout, read_timeout=a.read_timeout,
         stop_wait=a.stop_wait, retry_max=a.retry_max, advertise=a.advertise,
-        token=env("CASE_EXEC_TOKEN", ""))
+        token=a.token, api_tokens=parse_tokens(a.api_token, "api"))
     return config, a.log_level
 
 

@@ -20,6 +20,7 @@ import ctypes
 import dataclasses
 import hmac
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -49,12 +50,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA_PATH = os.path.join(HERE, "schema.sql")
 MARKER_ENV = "CASE_EXEC_TASK_ID"     # tells the case its taskId
 RUN_MARKER_ENV = "CASE_EXEC_RUN"     # unique per execution: how its processes are found
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # also a file name: no '..'
 MAX_BODY_BYTES = 1024 * 1024
 CONNECT_TIMEOUT = 10.0   # the design's RestTemplate numbers
 READ_TIMEOUT = 30.0
 GRACE_SECONDS = 5.0
 TOMBSTONE_SECONDS = 600  # how long a cancel of an unknown taskId blocks a late execute
+TOKEN_ENV = "CASE_EXEC_TOKEN"      # the token shared by collector and executors
+SECRET_ENVS = (TOKEN_ENV, "COLLECTOR_API_TOKENS")   # never handed down to a case
 
 
 @dataclasses.dataclass
@@ -199,19 +202,44 @@ def string_list(value, name):
     return value
 
 
+def check_script(script, name="script"):
+    """A script is named relative to the cases directory, never outside it."""
+    if not isinstance(script, str) or not script or "\0" in script:
+        raise BadRequest(f"'{name}' must be a non-empty string")
+    if os.path.isabs(script) or ".." in script.replace("\\", "/").split("/"):
+        raise BadRequest(f"'{name}' {script!r} must be a relative path inside the cases directory")
+    return script
+
+
 def check_task_id(task_id, name="taskId"):
     if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
         raise BadRequest(f"'{name}' must match {TASK_ID_RE.pattern}")
     return task_id
 
 
-def require_token(expected):
-    """Bearer-token check, in constant time; a no-op when no token is configured."""
-    if not expected:
-        return
-    given = bottle.request.get_header("Authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
-        raise Unauthorized("missing or wrong bearer token")
+def parse_tokens(text, default_name):
+    """'secret' or 'name:secret,name:secret' -> {name: secret}."""
+    tokens = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        name, sep, secret = item.partition(":")
+        tokens[name if sep else default_name] = secret if sep else item
+    return tokens
+
+
+def require_token(tokens):
+    """The name of the valid bearer token on this request; 401 without one.
+    Compared in constant time against every configured token. No tokens
+    configured: anyone may call, and the name is None."""
+    if not tokens:
+        return None
+    given = bottle.request.get_header("Authorization", "").encode()
+    found = None
+    for name, secret in tokens.items():
+        if hmac.compare_digest(given, f"Bearer {secret}".encode()):
+            found = name
+    if found is None:
+        raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
+    return found
 
 
 class ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
@@ -723,10 +751,7 @@ class Executor:
     # -- execute ---------------------------------------------------------------
 
     def resolve_script(self, script):
-        if not isinstance(script, str) or not script:
-            raise BadRequest("'script' must be a non-empty string")
-        if os.path.isabs(script) or ".." in script.replace("\\", "/").split("/"):
-            raise BadRequest(f"script '{script}' must be a relative path inside the cases directory")
+        check_script(script)
         path = os.path.realpath(os.path.join(self.cases_dir, script))
         if os.path.commonpath([path, self.cases_dir]) != self.cases_dir:
             raise BadRequest(f"script '{script}' resolves outside the cases directory")
@@ -775,7 +800,8 @@ class Executor:
         waitpid() a pid that may by then belong to another case."""
         work = os.path.join(self.config.work_dir, task_id)
         os.makedirs(work, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENVS}
+        env["PYTHONUNBUFFERED"] = "1"
         env[MARKER_ENV] = task_id
         env[RUN_MARKER_ENV] = run_marker
         with open(log_path, "ab") as out:
@@ -994,7 +1020,8 @@ def make_app(config):
     service = Executor(config)
     app = make_bottle("executor")
     app.config["executor"] = service
-    guarded = lambda: require_token(config.token)   # noqa: E731
+    tokens = {"collector": config.token} if config.token else {}
+    guarded = lambda: require_token(tokens)   # noqa: E731
 
     @app.post("/test-case-execution/execute")
     def execute():
@@ -1056,16 +1083,34 @@ def parse_args(argv, defaults=ExecutorConfig()):
                    help="time between SIGTERM and SIGKILL (default 5)")
     p.add_argument("--keep-leftovers", action="store_true",
                    help="do not end processes a case leaves behind when it exits by itself")
+    p.add_argument("--token", default=env(TOKEN_ENV, ""),
+                   help=f"require 'Authorization: Bearer <token>' (prefer ${TOKEN_ENV}: "
+                        "arguments are visible in ps)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without a token")
     p.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout)
     p.add_argument("--read-timeout", type=float, default=defaults.read_timeout)
     p.add_argument("--log-level", default=env("EXECUTOR_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
+    if not a.token and not a.insecure and not is_loopback(a.host):
+        p.error(f"refusing to listen on {a.host} without a token: anyone who can reach it "
+                f"could run and kill processes. Set ${TOKEN_ENV} (or --token), or pass "
+                "--insecure if the network is trusted.")
     config = ExecutorConfig(
         host=a.host, port=a.port, cases_dir=a.cases_dir, db=a.db, log_dir=a.log_dir,
         work_dir=a.work_dir, grace_seconds=a.grace_seconds, keep_leftovers=a.keep_leftovers,
-        token=env("EXECUTOR_TOKEN", ""), connect_timeout=a.connect_timeout,
+        token=a.token, connect_timeout=a.connect_timeout,
         read_timeout=a.read_timeout)
     return config, a.log_level
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def setup_logging(level):

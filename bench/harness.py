@@ -28,6 +28,7 @@ RUN_ID = uuid.uuid4().hex
 MY_PID = os.getpid()
 # psutil create times of one process may differ by a few ms between reads.
 SAME_TIME = 0.02
+SECRET_ENVS = ("CASE_EXEC_TOKEN", "COLLECTOR_API_TOKENS", "EXECUTOR_TOKEN")
 
 
 def log(text=""):
@@ -95,7 +96,10 @@ class Service:
         self.parked = []        # client sockets that fill its accept queue
 
     def launch(self):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Tokenless on loopback: a token in the caller's environment would
+        # otherwise reach some services and not the bench's own calls.
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENVS}
+        env["PYTHONUNBUFFERED"] = "1"
         env[BENCH_RUN_ENV] = RUN_ID
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(

@@ -37,18 +37,20 @@ def start_executor(tmp_path):
     ends exactly what this test started even when cases outlive the executor."""
     started = []
 
-    def start(host="127.0.0.1", grace=1.0, args=(), port=None, name=None, db=None):
+    def start(host="127.0.0.1", grace=1.0, args=(), port=None, name=None, db=None,
+              cases_dir=ROOT, env=None):
         name = name or f"executor{len(started)}"
         owner = f"{TEST_RUN}-{os.path.basename(str(tmp_path))}-{name}"
         base = tmp_path / name
         base.mkdir(exist_ok=True)
         svc = Service(
             "executor.py", host, port or free_port(host),
-            ["--cases-dir", ROOT, "--db", db or str(base / "executor.db"),
+            ["--cases-dir", str(cases_dir), "--db", db or str(base / "executor.db"),
              "--log-dir", str(base / "logs"), "--work-dir", str(base / "work"),
              "--grace-seconds", str(grace), *args],
-            str(base / "service.log"), env={"CASE_TEST_OWNER": owner})
+            str(base / "service.log"), env={"CASE_TEST_OWNER": owner, **(env or {})})
         svc.owner = owner
+        svc.db = db or str(base / "executor.db")
         started.append(svc)
         return svc.start()
 
@@ -75,7 +77,7 @@ def start_collector(tmp_path):
     started = []
 
     def start(executors=(), args=(), port=None, db=None, connect_timeout=1.0,
-              read_timeout=3.0, stop_wait=3.0, retry_max=0.5):
+              read_timeout=3.0, stop_wait=3.0, retry_max=0.5, env=None):
         name = f"collector{len(started)}"
         base = tmp_path / name
         base.mkdir(exist_ok=True)
@@ -86,7 +88,8 @@ def start_collector(tmp_path):
             ["--db", db or str(base / "collector.db"), *executor_args,
              "--connect-timeout", str(connect_timeout), "--read-timeout", str(read_timeout),
              "--stop-wait", str(stop_wait), "--retry-max", str(retry_max), *args],
-            str(base / "service.log"))
+            str(base / "service.log"), env=env)
+        svc.db = db or str(base / "collector.db")
         started.append(svc)
         return svc.start()
 

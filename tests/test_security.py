@@ -1,0 +1,338 @@
+"""Who may call, what may run, and bad input: a clear 4xx envelope, nothing changed."""
+
+import json
+import os
+import sqlite3
+
+import pytest
+
+import collector as collector_module
+import executor as executor_module
+from support import create, detail, fake_case, http_json, start, stop, wait_pid_file
+
+TOKEN = "s3cret-shared"
+API_TOKENS = "alice:alice-key,bob:bob-key"
+
+
+def db_dump(path):
+    """Every row of every table, to prove a rejected request changed nothing."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
+    finally:
+        conn.close()
+
+
+def case_processes(ex):
+    import psutil
+    return sorted(p.pid for p in psutil.Process(ex.proc.pid).children(recursive=True))
+
+
+def assert_envelope(body, code):
+    assert isinstance(body, dict) and set(body) == {"code", "message", "data"}, body
+    assert body["code"] == code and isinstance(body["message"], str) and body["message"]
+    assert "Traceback" not in json.dumps(body)
+
+
+# -- who may call ---------------------------------------------------------------------
+
+def test_executor_with_a_token_refuses_callers_without_it(start_executor, pid_file):
+    ex = start_executor(env={"CASE_EXEC_TOKEN": TOKEN})
+    path = pid_file()
+    execute = {"taskId": "guarded", "script": "fake_case.py", "args": ["--pid-file", path]}
+    for token in (None, "wrong", TOKEN + "x", ""):
+        for method, route, body in [("POST", "/test-case-execution/execute", execute),
+                                    ("POST", "/test-case-execution/cancel/guarded", None),
+                                    ("GET", "/test-case-execution/status/guarded", None),
+                                    ("GET", "/test-case-execution/tasks", None)]:
+            code, resp = ex.call(method, route, body, token=token)
+            assert code == 401, (method, route, token)
+            assert_envelope(resp, 401)
+    assert not os.path.exists(path) and case_processes(ex) == []
+    assert ex.call("GET", "/health")[0] == 200
+    assert ex.call("POST", "/test-case-execution/execute", execute, token=TOKEN)[0] == 200
+    wait_pid_file(path, 1)
+    assert ex.call("POST", "/test-case-execution/cancel/guarded", token=TOKEN)[0] == 200
+
+
+def test_collector_api_tokens_and_who_stopped(start_executor, start_collector, pid_file):
+    ex = start_executor(host="127.0.0.2", env={"CASE_EXEC_TOKEN": TOKEN})
+    col = start_collector([ex.address], env={"CASE_EXEC_TOKEN": TOKEN,
+                                             "COLLECTOR_API_TOKENS": API_TOKENS})
+    body = {"name": "guarded", "cases": [fake_case(pid_file())]}
+    code, resp = col.call("POST", "/api/collect-task", body)
+    assert code == 401
+    assert_envelope(resp, 401)
+    assert col.call("GET", "/api/collect-task")[1]["data"] == []
+    code, resp = col.call("POST", "/api/collect-task", body, token="alice-key")
+    assert code == 201
+    task_id = resp["data"]["id"]
+    assert col.call("POST", f"/api/collect-task/{task_id}/start", token="nope")[0] == 401
+    assert col.call("POST", f"/api/collect-task/{task_id}/start", token="bob-key")[0] == 200
+    assert col.call("POST", f"/api/collect-task/{task_id}/stop")[0] == 401
+    assert detail(col, task_id)["status"] == "RUNNING"
+    code, resp = col.call("POST", f"/api/collect-task/{task_id}/stop", {"reason": "done"},
+                          token="bob-key")
+    assert code == 200
+    assert (resp["data"]["stoppedBy"], resp["data"]["stopReason"]) == ("bob", "done")
+    assert resp["data"]["instances"][0]["cancel"]["state"] == "DELIVERED"
+
+    # The front end's X-User wins over the token's name.
+    code, resp = col.call("POST", "/api/collect-task", body, token="alice-key")
+    code, resp = col.call("POST", f"/api/collect-task/{resp['data']['id']}/stop",
+                          token="alice-key", headers={"X-User": "carol"})
+    assert resp["data"]["stoppedBy"] == "carol"
+
+
+def test_reports_need_the_executor_token(start_executor, start_collector, pid_file):
+    ex = start_executor(host="127.0.0.2", env={"CASE_EXEC_TOKEN": TOKEN})
+    col = start_collector([ex.address], env={"CASE_EXEC_TOKEN": TOKEN})
+    task = create(col, [fake_case(pid_file())])
+    start(col, task["id"])
+    inst = detail(col, task["id"])["instances"][0]
+    report = {"executionTaskId": inst["executionTaskId"], "status": "SUCCESS", "exitCode": 0}
+    before = db_dump(col.db)
+    for token in (None, "wrong"):
+        code, resp = col.call("POST", f"/api/execution-instance/{inst['id']}/report", report,
+                              token=token)
+        assert code == 401
+    assert db_dump(col.db) == before
+    assert detail(col, task["id"])["instances"][0]["status"] == "RUNNING"
+    assert stop(col, task["id"])[0] == 200
+
+
+def test_executor_will_not_listen_beyond_loopback_without_a_token(capsys):
+    with pytest.raises(SystemExit) as e:
+        executor_module.parse_args(["--host", "0.0.0.0"])
+    assert e.value.code != 0
+    assert "without a token" in capsys.readouterr().err
+    for args in (["--host", "0.0.0.0", "--token", "t"], ["--host", "10.1.2.3", "--insecure"],
+                 ["--host", "127.0.0.5"], ["--host", "localhost"], ["--host", "::1"]):
+        config, _ = executor_module.parse_args(args)
+    assert executor_module.parse_args([])[0].host == "127.0.0.1"
+
+
+def test_token_from_the_environment_is_not_visible_in_ps(start_executor):
+    import psutil
+    ex = start_executor(env={"CASE_EXEC_TOKEN": TOKEN})
+    assert TOKEN not in " ".join(psutil.Process(ex.proc.pid).cmdline())
+
+
+# -- what may run -----------------------------------------------------------------
+
+def test_a_case_gets_the_executor_environment_and_marker_but_no_secrets(
+        start_executor, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "env_dump.py").write_text(
+        "import json, os, sys\n"
+        "json.dump(dict(os.environ), open(sys.argv[1], 'w'))\n")
+    ex = start_executor(cases_dir=cases, env={"CASE_EXEC_TOKEN": TOKEN,
+                                             "COLLECTOR_API_TOKENS": API_TOKENS,
+                                             "LAB_SETTING": "kept"})
+    out = tmp_path / "env.json"
+    code, resp = ex.call("POST", "/test-case-execution/execute", {
+        "taskId": "env-1", "script": "env_dump.py", "args": [str(out)],
+        "env": {"LD_PRELOAD": "/tmp/evil.so"}}, token=TOKEN)
+    assert code == 200
+    from support import wait_until
+    env = wait_until(lambda: out.exists() and out.stat().st_size and json.loads(out.read_text()),
+                     10, 0.05, "the case to dump its environment")
+    assert env["CASE_EXEC_TASK_ID"] == "env-1" and env["CASE_EXEC_RUN"]
+    assert env["LAB_SETTING"] == "kept"
+    assert "CASE_EXEC_TOKEN" not in env and "COLLECTOR_API_TOKENS" not in env
+    assert "LD_PRELOAD" not in env
+
+
+def test_arguments_are_never_given_to_a_shell(start_executor, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "argv_dump.py").write_text(
+        "import json, sys\njson.dump(sys.argv[1:], open(sys.argv[1], 'w'))\n")
+    ex = start_executor(cases_dir=cases)
+    out = tmp_path / "argv.json"
+    hostile = [str(out), "; touch /tmp/pwned-by-args", "$(id)", "`id`", "a b", "*"]
+    assert ex.call("POST", "/test-case-execution/execute", {
+        "script": "argv_dump.py", "args": hostile})[0] == 200
+    from support import wait_until
+    argv = wait_until(lambda: out.exists() and out.stat().st_size and json.loads(out.read_text()),
+                      10, 0.05, "argv")
+    assert argv == hostile and not os.path.exists("/tmp/pwned-by-args")
+
+
+# -- bad input: a table over every endpoint ---------------------------------------------
+
+BIG = b'{"name": "' + b"x" * (1024 * 1024) + b'"}'
+
+EXECUTOR_BAD = [
+    ("POST", "/test-case-execution/execute", b"{not json", 400, "not valid JSON"),
+    ("POST", "/test-case-execution/execute", b"[]", 400, "JSON object"),
+    ("POST", "/test-case-execution/execute", b'"str"', 400, "JSON object"),
+    ("POST", "/test-case-execution/execute", b"{}", 400, "'script'"),
+    ("POST", "/test-case-execution/execute", b'{"script": 42}', 400, "'script'"),
+    ("POST", "/test-case-execution/execute", b'{"script": "/bin/sh"}', 400, "relative path"),
+    ("POST", "/test-case-execution/execute", b'{"script": "../executor.py"}', 400, "relative"),
+    ("POST", "/test-case-execution/execute", b'{"script": "nope.py"}', 400, "not found"),
+    ("POST", "/test-case-execution/execute", b'{"script": "fake_case.py", "args": [1]}', 400,
+     "list of strings"),
+    ("POST", "/test-case-execution/execute", b'{"script": "fake_case.py", "args": "--x"}', 400,
+     "list of strings"),
+    ("POST", "/test-case-execution/execute", b'{"script": "fake_case.py", "taskId": "../x"}',
+     400, "taskId"),
+    ("POST", "/test-case-execution/execute",
+     b'{"script": "fake_case.py", "taskId": "' + b"a" * 65 + b'"}', 400, "taskId"),
+    ("POST", "/test-case-execution/execute", b'{"script": "fake_case.py", "taskId": 7}', 400,
+     "taskId"),
+    ("POST", "/test-case-execution/execute",
+     b'{"script": "fake_case.py", "reportUrl": "file:///etc/passwd"}', 400, "reportUrl"),
+    ("POST", "/test-case-execution/execute", BIG, 413, "larger than"),
+    ("POST", "/test-case-execution/cancel/%2e%2e", None, 400, "taskId"),
+    ("POST", "/test-case-execution/cancel/a%20b", None, 400, "taskId"),
+    ("GET", "/test-case-execution/status/%C3%A9t%C3%A9", None, 400, "taskId"),
+    ("GET", "/test-case-execution/status/unknown", None, 404, "not found"),
+    ("PUT", "/test-case-execution/execute", b"{}", 405, "not allowed"),
+    ("DELETE", "/test-case-execution/cancel/x", None, 405, "not allowed"),
+    ("GET", "/test-case-execution/nope", None, 404, "no such endpoint"),
+    ("GET", "/", None, 404, "no such endpoint"),
+]
+
+
+@pytest.mark.timeout(120)
+def test_bad_requests_to_the_executor_change_nothing(start_executor, pid_file):
+    ex = start_executor()
+    path = pid_file()
+    code, _ = ex.call("POST", "/test-case-execution/execute",
+                      {"taskId": "keep", "script": "fake_case.py", "args": ["--pid-file", path]})
+    wait_pid_file(path, 1)
+    before_db, before_procs = db_dump(ex.db), case_processes(ex)
+    for method, route, raw, code, words in EXECUTOR_BAD:
+        status, body = ex.call(method, route, raw=raw)
+        assert status == code, (method, route, body)
+        assert_envelope(body, code)
+        assert words in body["message"], (route, body["message"])
+    assert db_dump(ex.db) == before_db
+    assert case_processes(ex) == before_procs
+
+
+COLLECTOR_BAD = [
+    ("POST", "/api/collect-task", b"{oops", 400, "not valid JSON"),
+    ("POST", "/api/collect-task", b"[1]", 400, "JSON object"),
+    ("POST", "/api/collect-task", b"{}", 400, "'name'"),
+    ("POST", "/api/collect-task", b'{"name": ""}', 400, "'name'"),
+    ("POST", "/api/collect-task", b'{"name": 5, "cases": []}', 400, "'name'"),
+    ("POST", "/api/collect-task", b'{"name": "' + b"n" * 201 + b'", "cases": []}', 400, "'name'"),
+    ("POST", "/api/collect-task", b'{"name": "x"}', 400, "'cases'"),
+    ("POST", "/api/collect-task", b'{"name": "x", "cases": []}', 400, "'cases'"),
+    ("POST", "/api/collect-task", b'{"name": "x", "cases": {"a": 1}}', 400, "'cases'"),
+    ("POST", "/api/collect-task", b'{"name": "x", "cases": ["a.py"]}', 400, "cases[0]"),
+    ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"args": []}]}', 400, "cases[0].script"),
+    ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"script": "/etc/x"}]}', 400,
+     "relative path"),
+    ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"script": "a/../../b"}]}', 400,
+     "relative path"),
+    ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"script": "a", "args": [1]}]}',
+     400, "cases[0].args"),
+    ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"script": "a"}], "executors": []}',
+     400, "'executors'"),
+    ("POST", "/api/collect-task",
+     b'{"name": "x", "cases": [{"script": "a"}], "executors": ["h:0"]}', 400, "port 1-65535"),
+    ("POST", "/api/collect-task",
+     b'{"name": "x", "cases": [{"script": "a"}], "executors": ["h:99999"]}', 400, "port"),
+    ("POST", "/api/collect-task",
+     b'{"name": "x", "cases": [{"script": "a"}], "executors": ["evil.com/x?:80"]}', 400,
+     "host:port"),
+    ("POST", "/api/collect-task",
+     b'{"name": "x", "cases": [{"script": "a"}], "executors": ["h@x:80"]}', 400, "host:port"),
+    ("POST", "/api/collect-task",
+     b'{"name": "x", "cases": [{"script": "a"}], "executors": [8081]}', 400, "host:port"),
+    ("POST", "/api/collect-task", BIG, 413, "larger than"),
+    ("GET", "/api/collect-task?limit=-1", None, 400, "limit"),
+    ("GET", "/api/collect-task?limit=abc", None, 400, "limit"),
+    ("GET", "/api/collect-task/abc", None, 400, "task id"),
+    ("GET", "/api/collect-task/-1", None, 400, "task id"),
+    ("GET", "/api/collect-task/0", None, 400, "task id"),
+    ("GET", "/api/collect-task/1.5", None, 400, "task id"),
+    ("GET", "/api/collect-task/99999999999999999999", None, 400, "task id"),
+    ("GET", "/api/collect-task/424242", None, 404, "not found"),
+    ("POST", "/api/collect-task/abc/stop", None, 400, "task id"),
+    ("POST", "/api/collect-task/-3/start", None, 400, "task id"),
+    ("POST", "/api/collect-task/424242/stop", None, 404, "not found"),
+    ("POST", "/api/collect-task/424242/start", None, 404, "not found"),
+    ("POST", "/api/collect-task/{task}/stop", b"{bad", 400, "not valid JSON"),
+    ("POST", "/api/collect-task/{task}/stop", b'{"reason": 5}', 400, "'reason'"),
+    ("POST", "/api/collect-task/{task}/stop", b'{"reason": "' + b"r" * 1001 + b'"}', 400,
+     "'reason'"),
+    ("POST", "/api/collect-task/{task}/start", b"{bad", 400, "not valid JSON"),
+    ("POST", "/api/execution-instance/{inst}/report", b"{bad", 400, "not valid JSON"),
+    ("POST", "/api/execution-instance/{inst}/report", b'{"status": "DONE"}', 400, "'status'"),
+    ("POST", "/api/execution-instance/{inst}/report",
+     b'{"status": "SUCCESS", "exitCode": "0", "executionTaskId": "x"}', 400, "'exitCode'"),
+    ("POST", "/api/execution-instance/{inst}/report",
+     b'{"status": "SUCCESS", "exitCode": true, "executionTaskId": "x"}', 400, "'exitCode'"),
+    ("POST", "/api/execution-instance/{inst}/report", b'{"status": "SUCCESS", "exitCode": 0}',
+     400, "'executionTaskId'"),
+    ("POST", "/api/execution-instance/{inst}/report",
+     b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "not-this-one"}', 409,
+     "does not match"),
+    ("POST", "/api/execution-instance/424242/report",
+     b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "x"}', 404, "not found"),
+    ("POST", "/api/execution-instance/x/report", b"{}", 400, "instance id"),
+    ("DELETE", "/api/collect-task/{task}", None, 405, "not allowed"),
+    ("PUT", "/api/collect-task", b"{}", 405, "not allowed"),
+    ("GET", "/api/collect-task/{task}/stop", None, 405, "not allowed"),
+    ("GET", "/api/nothing-here", None, 404, "no such endpoint"),
+]
+
+
+@pytest.mark.timeout(120)
+def test_bad_requests_to_the_collector_change_nothing(start_executor, start_collector, pid_file):
+    ex = start_executor(host="127.0.0.2")
+    col = start_collector([ex.address])
+    task = create(col, [fake_case(pid_file())])
+    start(col, task["id"])
+    inst = detail(col, task["id"])["instances"][0]
+    before_db, before_procs = db_dump(col.db), case_processes(ex)
+    for method, route, raw, code, words in COLLECTOR_BAD:
+        route = route.format(task=task["id"], inst=inst["id"])
+        status, body = col.call(method, route, raw=raw)
+        assert status == code, (method, route, body)
+        assert_envelope(body, code)
+        assert words in body["message"], (route, body["message"])
+    assert db_dump(col.db) == before_db
+    assert case_processes(ex) == before_procs
+    assert stop(col, task["id"])[0] == 200
+
+
+def test_an_internal_error_carries_an_error_id_that_is_in_the_log(start_collector):
+    col = start_collector()
+    task = create(col, [{"script": "x.py"}], executors=["127.0.0.9:9"])
+    conn = sqlite3.connect(col.db)
+    conn.execute("DROP TABLE test_case_execution_instance")     # a damaged database
+    conn.commit()
+    conn.close()
+    code, body = col.call("GET", f"/api/collect-task/{task['id']}")
+    assert code == 500
+    assert_envelope(body, 500)
+    error_id = body["data"]["errorId"]
+    assert error_id in body["message"]
+    log = col.log_text()
+    assert f"error id={error_id}" in log and "Traceback" in log
+    assert "no such table" not in json.dumps(body)
+
+
+def test_raw_http_garbage_gets_an_envelope_or_a_closed_connection(start_executor):
+    ex = start_executor()
+    code, body = http_json(ex.address, "POST", "/test-case-execution/execute",
+                           raw=b"\xff\xfe\x00garbage")
+    assert code == 400
+    assert_envelope(body, 400)
+
+
+def test_collector_flags_are_validated():
+    with pytest.raises(SystemExit):
+        collector_module.parse_args(["--executor", "not an address"])
+    config, _ = collector_module.parse_args(["--api-token", "alice:a,bob:b"])
+    assert config.api_tokens == {"alice": "a", "bob": "b"}
+    assert collector_module.parse_args(["--api-token", "plain"])[0].api_tokens == {"api": "plain"}
