@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo run clean
+.PHONY: venv test demo run bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: venv
 
 run: venv
 	$(BIN)/python tests/demo.py run
+
+bench: venv
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) var test-artifacts .pytest_cache

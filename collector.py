@@ -26,10 +26,11 @@ import time
 
 import bottle
 
-from executor import (CONNECT_TIMEOUT, READ_TIMEOUT, TOKEN_ENV, BadRequest, CallFailed,
-                      Conflict, Database, NotFound, backoff, call_json, check_script,
-                      compare_and_set, envelope, json_body, make_bottle, make_server,
-                      parse_tokens, require_token, run_server, setup_logging, string_list)
+from executor import (CONNECT_TIMEOUT, READ_TIMEOUT, TOKEN_ENV, ApiError, BadRequest,
+                      CallFailed, Conflict, Database, Metrics, NotFound, backoff, call_json,
+                      check_script, compare_and_set, envelope, header_text, is_loopback,
+                      json_body, make_bottle, make_server, parse_tokens, require_token,
+                      run_server, serve_metrics, setup_logging, string_list)
 
 log = logging.getLogger("collector")
 
@@ -79,12 +80,21 @@ CANCEL_FINAL = (NOT_NEEDED, DELIVERED, NOT_FOUND, FAILED)
 
 
 def move_task(conn, task_id, to, **fields):
-    return compare_and_set(conn, "collect_task", "id", task_id, TASK_MOVES, to, **fields)
+    """The one place a task's status changes."""
+    moved = compare_and_set(conn, "collect_task", "id", task_id, TASK_MOVES, to, **fields)
+    if moved:
+        log.info("task=%s status -> %s", task_id, to)
+    return moved
 
 
-def move_instance(conn, instance_id, to, **fields):
-    return compare_and_set(conn, "test_case_execution_instance", "id", instance_id,
-                           INSTANCE_MOVES, to, **fields)
+def move_instance(conn, inst, to, **fields):
+    """The one place an instance's status changes; inst is its row."""
+    moved = compare_and_set(conn, "test_case_execution_instance", "id", inst["id"],
+                            INSTANCE_MOVES, to, **fields)
+    if moved:
+        log.info("task=%s instance=%s execution=%s status -> %s", inst["collect_task_id"],
+                 inst["id"], inst["execution_task_id"], to)
+    return moved
 
 
 ###############################################################################
@@ -95,10 +105,26 @@ class Collector:
     def __init__(self, config):
         self.config = config
         self.db = Database(config.db)
+        self.metrics = self.declare_metrics()
         self.pool = concurrent.futures.ThreadPoolExecutor(config.workers, "executor-call")
         self.retry_due = threading.Event()
         self.stopping = threading.Event()
         self.advertise = config.advertise or f"{config.host}:{config.port}"
+
+    def declare_metrics(self):
+        m = Metrics("collector")
+        m.declare("stop_requests_total", "counter",
+                  "Stop requests, by outcome: stopped, already_stopped, not_found, "
+                  "finished, rejected.")
+        m.declare("stops_complete_total", "counter",
+                  "Stopped tasks whose every cancel was confirmed by its executor.")
+        m.declare("executor_call_seconds", "histogram",
+                  "Calls to executors, by call (execute, cancel) and outcome (delivered, "
+                  "not_found, rejected, refused, timeout, error).")
+        m.declare("pending_cancels", "gauge", "Cancels not yet confirmed by an executor.",
+                  gauge=lambda: self.db.one("SELECT COUNT(*) AS n FROM test_case_execution_instance"
+                                            " WHERE cancel_state = 'PENDING'")["n"])
+        return m
 
     def start(self):
         """Pick up where a previous run of this collector stopped."""
@@ -107,9 +133,9 @@ class Collector:
             # Whether an execute cut short by a restart started its case is unknown:
             # fail the instance and cancel it, which is harmless if nothing runs.
             interrupted = sum(
-                move_instance(c, r["id"], FAILED, finished_at=now, cancel_state="PENDING",
+                move_instance(c, r, FAILED, finished_at=now, cancel_state="PENDING",
                               error="collector restarted during dispatch")
-                for r in c.execute("SELECT id FROM test_case_execution_instance"
+                for r in c.execute("SELECT * FROM test_case_execution_instance"
                                    " WHERE status = ?", (DISPATCHING,)).fetchall())
             # No attempt of ours is in flight after a restart: every lease is stale.
             resumed = c.execute("UPDATE test_case_execution_instance SET cancel_next_at = ?"
@@ -132,9 +158,22 @@ class Collector:
         """How long one attempt may be in flight before someone else may retry it."""
         return self.config.connect_timeout + self.config.read_timeout + 5
 
-    def call_executor(self, address, method, path, body=None):
-        return call_json(address, method, path, body, self.config.token,
-                         self.config.connect_timeout, self.config.read_timeout)
+    def call_executor(self, call, address, method, path, body=None):
+        """One call to an executor, timed and counted by outcome."""
+        started = time.monotonic()
+        try:
+            code, payload = call_json(address, method, path, body, self.config.token,
+                                      self.config.connect_timeout, self.config.read_timeout)
+        except CallFailed as e:
+            outcome = {"refused": "refused", "error": "error"}.get(e.kind, "timeout")
+            raise
+        else:
+            outcome = ("delivered" if code < 300 else "not_found" if code == 404
+                       else "rejected" if code < 500 else "error")
+            return code, payload
+        finally:
+            self.metrics.observe("executor_call_seconds", time.monotonic() - started,
+                                 call=call, outcome=outcome)
 
     # -- create ----------------------------------------------------------------
 
@@ -156,6 +195,9 @@ class Collector:
                              "(none given and none configured)")
         for address in executors:
             check_executor_address(address)
+            if self.config.executors and address not in self.config.executors:
+                raise BadRequest(f"executor {address!r} is not one of this collector's "
+                                 f"--executor addresses")
         now = time.time()
         with self.db.transaction() as c:
             task_id = c.execute("INSERT INTO collect_task (name, status, created_at)"
@@ -187,13 +229,18 @@ class Collector:
             for inst in c.execute("SELECT * FROM test_case_execution_instance"
                                   " WHERE collect_task_id = ? AND status = ?",
                                   (task_id, PENDING)).fetchall():
-                if move_instance(c, inst["id"], DISPATCHING):
+                if move_instance(c, inst, DISPATCHING):
                     claimed.append(dict(inst))
         log.info("task=%s starting %d instance(s)", task_id, len(claimed))
         futures = [self.pool.submit(self.dispatch, inst) for inst in claimed]
         concurrent.futures.wait(futures)
         self.finish_task_if_done(task_id)
-        return self.task_detail(task_id), "task started"
+        detail = self.task_detail(task_id)
+        failed = detail["instanceCounts"].get(FAILED, 0)
+        if failed == len(detail["instances"]):
+            return detail, "no instance could be dispatched; task FAILED"
+        return detail, "task started" + (f"; {failed} instance(s) failed to dispatch"
+                                         if failed else "")
 
     def dispatch(self, inst):
         body = {"taskId": inst["execution_task_id"], "script": inst["script"],
@@ -203,7 +250,7 @@ class Collector:
                 f"execution={inst['execution_task_id']} executor={inst['executor']}"
         started = time.monotonic()
         try:
-            code, payload = self.call_executor(inst["executor"], "POST",
+            code, payload = self.call_executor("execute", inst["executor"], "POST",
                                                "/test-case-execution/execute", body)
         except CallFailed as e:
             # Refused: nothing started. Anything else: it may have started, so cancel it.
@@ -215,7 +262,7 @@ class Collector:
         log.info("%s execute answered HTTP %s in %dms", where, code, ms)
         if code == 200:
             with self.db.transaction() as c:
-                if move_instance(c, inst["id"], RUNNING, started_at=time.time()):
+                if move_instance(c, inst, RUNNING, started_at=time.time()):
                     return
                 # Stopped while the execute was in flight: its cancel may have
                 # reached the executor first and found nothing, so send another.
@@ -233,7 +280,7 @@ class Collector:
             fields = dict(finished_at=time.time(), error=error)
             if may_have_started:
                 fields.update(cancel_state="PENDING", cancel_next_at=time.time())
-            move_instance(c, inst["id"], FAILED, **fields)
+            move_instance(c, inst, FAILED, **fields)
         if may_have_started:
             self.retry_due.set()
 
@@ -241,6 +288,7 @@ class Collector:
 
     def stop_task(self, task_id, reason=None, who=None):
         """The design's stop. Returns (detail, message)."""
+        deadline = time.monotonic() + self.config.stop_wait
         now = time.time()
         with self.db.transaction() as c:
             task = self.get_task(c, task_id)
@@ -254,7 +302,7 @@ class Collector:
                                   " WHERE collect_task_id = ? AND status IN (?, ?, ?)",
                                   (task_id, *UNFINISHED)).fetchall():
                 dispatched = inst["status"] != PENDING
-                move_instance(c, inst["id"], STOPPED, finished_at=now,
+                move_instance(c, inst, STOPPED, finished_at=now,
                               cancel_state="PENDING" if dispatched else NOT_NEEDED,
                               cancel_attempts=1 if dispatched else 0,
                               cancel_next_at=now + self.lease() if dispatched else None)
@@ -263,7 +311,9 @@ class Collector:
         log.info("task=%s stop requested by %s (reason: %s): %d cancel(s) to send",
                  task_id, who or "anonymous", reason, len(claimed))
         futures = [self.pool.submit(self.deliver_cancel, inst) for inst in claimed]
-        concurrent.futures.wait(futures, timeout=self.config.stop_wait)
+        concurrent.futures.wait(futures, timeout=max(0, deadline - time.monotonic()))
+        if not claimed:
+            self.confirm_stop_if_complete(task_id)
         detail = self.task_detail(task_id)
         pending = sum(1 for i in detail["instances"] if i["cancel"]["state"] == "PENDING")
         message = "task stopped" + (f"; {pending} cancel(s) pending retry" if pending else "")
@@ -278,7 +328,8 @@ class Collector:
         log.info("%s cancel attempt %d", where, attempt)
         try:
             code, payload = self.call_executor(
-                inst["executor"], "POST", f"/test-case-execution/cancel/{inst['execution_task_id']}")
+                "cancel", inst["executor"], "POST",
+                f"/test-case-execution/cancel/{inst['execution_task_id']}")
         except CallFailed as e:
             code, payload, error = None, None, e.text
         else:
@@ -301,10 +352,24 @@ class Collector:
                     (state, *fields.values(), inst["id"]))
         if state == "PENDING":
             self.retry_due.set()    # the retrier's next wake-up depends on this outcome
+        else:
+            self.confirm_stop_if_complete(inst["collect_task_id"])
         log_at = logging.INFO if state in (DELIVERED, NOT_FOUND) else logging.WARNING
         log.log(log_at, "%s cancel attempt %d: %s in %dms%s", where, attempt, state, ms,
                 f" ({error})" if error else "")
         return state
+
+    def confirm_stop_if_complete(self, task_id):
+        """Once no cancel of a stopped task is pending, its stop is complete: every
+        executor confirmed. Recorded once (compare-and-set) and counted."""
+        done = self.db.run(
+            "UPDATE collect_task SET stop_confirmed_at = ? WHERE id = ? AND status = ?"
+            " AND stop_confirmed_at IS NULL AND NOT EXISTS (SELECT 1 FROM"
+            " test_case_execution_instance WHERE collect_task_id = ? AND cancel_state"
+            " IN ('PENDING', 'FAILED'))", (time.time(), task_id, STOPPED, task_id))
+        if done:
+            self.metrics.inc("stops_complete_total")
+            log.info("task=%s stop complete: every cancel confirmed", task_id)
 
     def retry_forever(self):
         """Send every due PENDING cancel; one attempt per instance at a time (a lease)."""
@@ -337,8 +402,9 @@ class Collector:
         status, exit_code = body.get("status"), body.get("exitCode")
         if status not in (SUCCESS, FAILED, "CANCELLED"):
             raise BadRequest("'status' must be SUCCESS, FAILED or CANCELLED")
-        if exit_code is not None and (not isinstance(exit_code, int) or isinstance(exit_code, bool)):
-            raise BadRequest("'exitCode' must be an integer or null")
+        if exit_code is not None and (not isinstance(exit_code, int) or isinstance(exit_code, bool)
+                                      or not -2**31 <= exit_code < 2**31):
+            raise BadRequest("'exitCode' must be a 32-bit integer or null")
         if not isinstance(execution_task_id, str):
             raise BadRequest("'executionTaskId' must be a string")
         note = body.get("note")
@@ -351,7 +417,7 @@ class Collector:
             if inst["execution_task_id"] != execution_task_id:
                 raise Conflict("executionTaskId does not match this instance")
             to = STOPPED if status == "CANCELLED" else status
-            changed = move_instance(c, instance_id, to, exit_code=exit_code,
+            changed = move_instance(c, inst, to, exit_code=exit_code,
                                     finished_at=time.time(), error=note)
         if changed:
             log.info("task=%s instance=%s reported %s exit=%s", inst["collect_task_id"],
@@ -414,6 +480,7 @@ def public_task(t, counts):
     return {"id": t["id"], "name": t["name"], "status": t["status"],
             "createdAt": t["created_at"], "startedAt": t["started_at"],
             "finishedAt": t["finished_at"], "stoppedAt": t["stopped_at"],
+            "stopConfirmedAt": t["stop_confirmed_at"],
             "stoppedBy": t["stopped_by"], "stopReason": t["stop_reason"],
             "instanceCounts": counts}
 
@@ -425,6 +492,8 @@ def public_instance(i):
         "status": i["status"], "exitCode": i["exit_code"], "error": i["error"],
         "createdAt": i["created_at"], "startedAt": i["started_at"],
         "finishedAt": i["finished_at"],
+        "logUrl": (f"http://{i['executor']}/test-case-execution/log/{i['execution_task_id']}"
+                   if i["status"] != PENDING else None),
         "cancel": {"state": i["cancel_state"], "attempts": i["cancel_attempts"],
                    "error": i["cancel_error"], "confirmedAt": i["cancel_confirmed_at"],
                    "nextAttemptAt": i["cancel_next_at"] if i["cancel_state"] == "PENDING" else None,
@@ -452,7 +521,7 @@ def positive_id(value, what="id"):
 def make_app(config):
     """The collector's bottle app; app.config['collector'] is the running service."""
     service = Collector(config)
-    app = make_bottle("collector")
+    app = make_bottle("collector", service.metrics)
     app.config["collector"] = service
     executor_tokens = {"executor": config.token} if config.token else {}
     caller = lambda: require_token(config.api_tokens)    # noqa: E731
@@ -488,8 +557,15 @@ def make_app(config):
         reason = body.get("reason")
         if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
             raise BadRequest("'reason' must be a string of at most 1000 characters")
-        who = (bottle.request.get_header("X-User") or "")[:100] or token_name
-        detail, message = service.stop_task(task_id, reason, who)
+        who = header_text("X-User") or token_name
+        try:
+            detail, message = service.stop_task(task_id, reason, who)
+        except ApiError as e:
+            outcome = {404: "not_found", 409: "finished"}.get(e.status_code, "rejected")
+            service.metrics.inc("stop_requests_total", outcome=outcome)
+            raise
+        outcome = "already_stopped" if message == "task already stopped" else "stopped"
+        service.metrics.inc("stop_requests_total", outcome=outcome)
         return envelope(200, message, detail)
 
     @app.post("/api/execution-instance/<instance_id>/report")
@@ -497,6 +573,10 @@ def make_app(config):
         require_token(executor_tokens)      # only an executor may report
         instance_id = positive_id(instance_id, "instance id")
         return envelope(200, "report recorded", service.report(instance_id, json_body()))
+
+    @app.get("/metrics")
+    def metrics():
+        return serve_metrics(service.metrics)
 
     @app.get("/health")
     def health():
@@ -533,8 +613,18 @@ def parse_args(argv, defaults=CollectorConfig()):
     p.add_argument("--api-token", default=env("COLLECTOR_API_TOKENS", ""),
                    help="require a bearer token on create/start/stop: 'secret' or "
                         "'name:secret,name:secret' (prefer $COLLECTOR_API_TOKENS)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without tokens")
     p.add_argument("--log-level", default=env("COLLECTOR_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
     a = p.parse_args(argv)
+    if not (a.token and a.api_token) and not a.insecure and not is_loopback(a.host):
+        p.error(f"refusing to listen on {a.host} without --token and --api-token (or "
+                f"${TOKEN_ENV} and $COLLECTOR_API_TOKENS): anyone who can reach it could "
+                "start, stop or finish tasks. Pass --insecure if the network is trusted.")
+    if a.host in ("0.0.0.0", "::", "[::]") and not a.advertise:
+        p.error(f"--host {a.host} needs --advertise HOST:PORT: the address executors "
+                "report back to")
     executors = a.executor or [e for e in env("COLLECTOR_EXECUTORS", "").split(",") if e]
     for address in executors:
         if not EXECUTOR_ADDRESS_RE.match(address):
@@ -544,12 +634,12 @@ def parse_args(argv, defaults=CollectorConfig()):
         connect_timeout=a.connect_timeout, read_timeout=a.read_timeout,
         stop_wait=a.stop_wait, retry_max=a.retry_max, advertise=a.advertise,
         token=a.token, api_tokens=parse_tokens(a.api_token, "api"))
-    return config, a.log_level
+    return config, a
 
 
 def main(argv=None):
-    config, level = parse_args(argv)
-    setup_logging(level)
+    config, opts = parse_args(argv)
+    setup_logging(opts.log_level, opts.log_format)
     app = make_app(config)
     service = app.config["collector"]
     server = make_server(app, config.host, config.port)

@@ -74,6 +74,9 @@ class ExecutorConfig:
     connect_timeout: float = CONNECT_TIMEOUT
     read_timeout: float = READ_TIMEOUT
     report_retry_max: float = 30.0
+    log_max_bytes: int = 10 * 1024 * 1024     # per case log; one older copy is kept
+    log_retention_days: float = 7.0
+    cgroups: str = "auto"       # auto: a cgroup per case when the executor may create them
 
 
 ###############################################################################
@@ -133,17 +136,20 @@ class InternalError(ApiError):
     status_code_default = 500
 
 
-def internal_error(where, message="internal error", data=None):
+def internal_error(where, metrics, message="internal error", data=None):
     """Log the current exception under a fresh error id; the caller sees only the id."""
     error_id = uuid.uuid4().hex[:12]
-    log.error("error id=%s in %s\n%s", error_id, where, traceback.format_exc())
+    logging.getLogger(metrics.service).error("error id=%s in %s\n%s", error_id, where,
+                                             traceback.format_exc())
+    metrics.inc("exceptions_total", place=where)
     return InternalError(f"{message} (error id {error_id})", dict(data or {}, errorId=error_id))
 
 
-def make_bottle(name):
+def make_bottle(name, metrics):
     """A bottle app whose every answer, including bottle's own 404/405, is an envelope."""
     app = bottle.Bottle()
     app.config["name"] = name
+    metrics.declare("exceptions_total", "counter", "Unexpected exceptions, by place.")
 
     def json_errors(res):
         bottle.response.content_type = "application/json"
@@ -154,8 +160,10 @@ def make_bottle(name):
             message = f"method {bottle.request.method} not allowed on {bottle.request.path}"
         elif code >= 500:
             error_id = uuid.uuid4().hex[:12]
-            log.error("error id=%s in %s %s\n%s", error_id, bottle.request.method,
-                      bottle.request.path, res.traceback)
+            logging.getLogger(name).error("error id=%s in %s %s\n%s", error_id,
+                                          bottle.request.method, bottle.request.path,
+                                          res.traceback)
+            metrics.inc("exceptions_total", place="http")
             return json.dumps(envelope(500, f"internal error (error id {error_id})",
                                        {"errorId": error_id}))
         else:
@@ -169,7 +177,8 @@ def make_bottle(name):
             except bottle.HTTPResponse:
                 raise
             except Exception:
-                raise internal_error(f"{bottle.request.method} {bottle.request.path}")
+                route = bottle.request.route.rule if bottle.request.route else "?"
+                raise internal_error(f"{bottle.request.method} {route}", metrics)
         return wrapper
 
     app.default_error_handler = json_errors
@@ -180,7 +189,15 @@ def make_bottle(name):
 def json_body(request=None):
     """The request body as a JSON object; {} when empty."""
     request = request or bottle.request
-    if (request.content_length or 0) > MAX_BODY_BYTES:
+    length = request.environ.get("CONTENT_LENGTH") or "0"
+    if not length.isdigit():
+        raise BadRequest("Content-Length must be a non-negative integer")
+    if int(length) > MAX_BODY_BYTES:
+        # Read (a bounded amount of) what the client is still sending, so that it
+        # gets to read the 413 instead of a broken pipe.
+        stream, left = request.environ["wsgi.input"], min(int(length), 4 * MAX_BODY_BYTES)
+        while left > 0 and (chunk := stream.read(min(left, 65536))):
+            left -= len(chunk)
         raise TooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
     raw = request.body.read(MAX_BODY_BYTES + 1)
     if len(raw) > MAX_BODY_BYTES:
@@ -189,26 +206,58 @@ def json_body(request=None):
         return {}
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")    # no lone surrogates
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply")
+    except (ValueError, UnicodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}")
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
 
 
-def string_list(value, name):
-    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-        raise BadRequest(f"'{name}' must be a list of strings")
+def string_list(value, name, max_items=1000, max_length=32768):
+    """A list of plain strings: no NUL (it cannot reach a program's argv), bounded."""
+    if (not isinstance(value, list) or len(value) > max_items
+            or not all(isinstance(a, str) and "\0" not in a and len(a) <= max_length
+                       for a in value)):
+        raise BadRequest(f"'{name}' must be a list of at most {max_items} strings of at most "
+                         f"{max_length} characters, without NUL")
+    return value
+
+
+def header_text(name, max_length=100):
+    """A printable header value, or None."""
+    # Raw from the environ: bottle's own accessor fails on bytes that are not UTF-8.
+    value = bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+    if not value:
+        return None
+    if len(value) > max_length or not value.isprintable() or not value.isascii():
+        raise BadRequest(f"header {name} must be printable ASCII of at most {max_length} characters")
     return value
 
 
 def check_script(script, name="script"):
     """A script is named relative to the cases directory, never outside it."""
-    if not isinstance(script, str) or not script or "\0" in script:
-        raise BadRequest(f"'{name}' must be a non-empty string")
+    if not isinstance(script, str) or not script or "\0" in script or len(script) > 1024:
+        raise BadRequest(f"'{name}' must be a non-empty string of at most 1024 characters")
     if os.path.isabs(script) or ".." in script.replace("\\", "/").split("/"):
         raise BadRequest(f"'{name}' {script!r} must be a relative path inside the cases directory")
     return script
+
+
+def check_report_url(url):
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url) if isinstance(url, str) and len(url) <= 2048 else None
+        ok = (parts is not None and parts.scheme == "http" and parts.hostname
+              and parts.port and not parts.query and not parts.fragment and "\0" not in url)
+    except ValueError:      # a port that is not a number from 0 to 65535
+        ok = False
+    if not ok:
+        raise BadRequest("'reportUrl' must be an http://host:port/path URL")
+    return url
 
 
 def check_task_id(task_id, name="taskId"):
@@ -242,6 +291,74 @@ def require_token(tokens):
     return found
 
 
+class Metrics:
+    """Counters, histograms and gauges in the Prometheus text format, by hand:
+    the few the design's indicators need do not justify a dependency."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+    def __init__(self, service):
+        self.service = service
+        self.prefix = service + "_"
+        self.lock = threading.Lock()
+        self.families = {}      # name -> (type, help)
+        self.values = {}        # name -> {labels tuple: value or [bucket counts, sum, count]}
+        self.gauges = {}        # name -> function returning the value
+
+    def declare(self, name, kind, help_text, gauge=None):
+        self.families[name] = (kind, help_text)
+        self.values.setdefault(name, {})
+        if gauge is not None:
+            self.gauges[name] = gauge
+
+    def inc(self, name, amount=1, **labels):
+        key = tuple(sorted(labels.items()))
+        with self.lock:
+            series = self.values[name]
+            series[key] = series.get(key, 0) + amount
+
+    def observe(self, name, seconds, **labels):
+        key = tuple(sorted(labels.items()))
+        with self.lock:
+            counts, total, n = self.values[name].get(key, ([0] * len(self.BUCKETS), 0.0, 0))
+            counts = [c + (seconds <= b) for c, b in zip(counts, self.BUCKETS)]
+            self.values[name][key] = (counts, total + seconds, n + 1)
+
+    def render(self):
+        out = []
+        with self.lock:
+            snapshot = {name: dict(series) for name, series in self.values.items()}
+        for short, (kind, help_text) in self.families.items():
+            name = self.prefix + short
+            out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            if short in self.gauges:
+                out.append(f"{name} {self.gauges[short]()}")
+            for key, value in sorted(snapshot[short].items()):
+                if kind == "histogram":
+                    counts, total, n = value
+                    for bound, c in zip(self.BUCKETS, counts):
+                        out.append(f"{name}_bucket{labels_text(key + (('le', str(bound)),))} {c}")
+                    out.append(f"{name}_bucket{labels_text(key + (('le', '+Inf'),))} {n}")
+                    out.append(f"{name}_sum{labels_text(key)} {total}")
+                    out.append(f"{name}_count{labels_text(key)} {n}")
+                else:
+                    out.append(f"{name}{labels_text(key)} {value}")
+        return "\n".join(out) + "\n"
+
+
+def labels_text(key):
+    if not key:
+        return ""
+    escaped = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+               for _, v in key)
+    return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(key, escaped)) + "}"
+
+
+def serve_metrics(metrics):
+    bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+    return metrics.render()
+
+
 class ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
     """wsgiref, one thread per request: a slow cancel never blocks /health."""
     daemon_threads = True
@@ -250,13 +367,33 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSG
 
 
 class QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    timeout = 30    # a client that stops sending mid-request does not hold a thread for ever
+
     def log_message(self, fmt, *args):
         log.debug("http %s %s", self.client_address[0], fmt % args)
 
+    def send_error(self, code, message=None, explain=None):
+        """Malformed HTTP, before any route runs: still the JSON envelope."""
+        body = json.dumps(envelope(code, message or ERRORS.get(code, "bad request"))).encode()
+        self.request_version = "HTTP/1.0"   # a garbled request line is not HTTP/0.9: answer with headers
+        try:
+            self.send_response(code, message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD" and code >= 200:
+                self.wfile.write(body)
+        except OSError:
+            pass
+
 
 def make_server(app, host, port):
-    return wsgiref.simple_server.make_server(
-        host, port, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler)
+    try:
+        return wsgiref.simple_server.make_server(
+            host, port, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler)
+    except OSError as e:
+        sys.exit(f"cannot listen on {host}:{port}: {e.strerror}")
 
 
 def run_server(server, on_stop=None):
@@ -482,11 +619,12 @@ class Snapshot:
         now = self.procs.get(proc.pid)
         return now if now is not None and now.key == proc.key else None
 
-    def case_members(self, run_marker, root_pid, root_create_time, known):
+    def case_members(self, run_marker, root_pid, root_create_time, known, cgroup_pids=()):
         """Every live process of one case: the root's descendants, the processes
         of its session, anything started after the root that carries its run
         marker (how Jenkins finds escaped build processes), and any member seen
-        before that is still alive. `known` (key -> Proc) is kept up to date."""
+        before that is still alive, and everything in the case's cgroup.
+        `known` (key -> Proc) is kept up to date."""
         me = os.getpid()
         members = {}
         root = self.procs.get(root_pid)
@@ -505,6 +643,9 @@ class Snapshot:
                 continue
             if (session_ours and p.sid == root_pid) or self.markers.get(p.key) == run_marker:
                 members[pid] = p
+        for pid in cgroup_pids:
+            if pid in self.procs and pid != me:
+                members.setdefault(pid, self.procs[pid])
         for key, p in list(known.items()):
             now = self.current(p)
             if now is None:
@@ -565,9 +706,66 @@ class ProcessTable:
 PROCESS_TABLE = ProcessTable()
 
 
-def case_finder(run_marker, root_pid, root_create_time, known, table=PROCESS_TABLE):
+def case_finder(run_marker, root_pid, root_create_time, known, cgroup=None,
+                table=PROCESS_TABLE):
     """find() -> the case's live processes, from a scan taken after the call."""
-    return lambda: table.snapshot().case_members(run_marker, root_pid, root_create_time, known)
+    def find():
+        snap = table.snapshot()
+        return snap.case_members(run_marker, root_pid, root_create_time, known,
+                                 cgroup_pids(cgroup) if cgroup else ())
+    return find
+
+
+# A case in its own cgroup (v2) cannot leave it without privilege: not by
+# double-forking, not by a new session, not by clearing its environment. When
+# the executor may create cgroups (root, or systemd's Delegate=yes) every case
+# gets one; elsewhere the scan above is all there is.
+
+def cgroup_base(name):
+    """A writable cgroup v2 directory for this executor's case cgroups, or None."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mount = next(line.split()[1] for line in f if line.split()[2] == "cgroup2")
+        with open("/proc/self/cgroup") as f:
+            own = next(line.strip()[3:] for line in f if line.startswith("0::"))
+        base = os.path.join(mount, own.lstrip("/"), name)
+        os.makedirs(base, exist_ok=True)
+        probe = os.path.join(base, f"probe-{os.getpid()}")
+        os.mkdir(probe)
+        os.rmdir(probe)
+        return base
+    except (OSError, StopIteration):
+        return None
+
+
+def cgroup_pids(path):
+    """Every pid in a cgroup and the cgroups below it."""
+    pids = set()
+    for dirpath, _, _ in os.walk(path):
+        try:
+            with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def cgroup_kill(path):
+    """SIGKILL everything in the cgroup at once, seen or not (Linux 5.14+)."""
+    try:
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+
+
+def cgroup_remove(path):
+    """Remove an empty case cgroup (and any the case made below it)."""
+    for dirpath, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
 
 
 @dataclasses.dataclass
@@ -625,7 +823,7 @@ def awaiting_reap(proc):
     return now.alive or now.ppid == os.getpid()
 
 
-def stop_tree(find, grace, poll=0.02, kill_wait=2.0, reap_wait=2.0):
+def stop_tree(find, grace, poll=0.02, kill_wait=2.0, reap_wait=2.0, kill_all=None):
     """End every process find() lists: SIGTERM, one shared grace, SIGKILL, reap.
 
     1. freeze the whole set (SIGSTOP, rescanning until nothing new appears: a
@@ -633,7 +831,8 @@ def stop_tree(find, grace, poll=0.02, kill_wait=2.0, reap_wait=2.0):
     2. SIGTERM all, then SIGCONT all, so stopped processes act on it at once;
     3. wait until all are gone, up to one grace deadline for the whole set,
        terminating any newcomer found meanwhile;
-    4. at the deadline SIGKILL whatever is left, until a scan is empty;
+    4. at the deadline SIGKILL whatever is left (and kill_all(), which may
+       reach what no scan saw), until a scan is empty;
     5. wait until the dead are reaped; anything still alive is a survivor."""
     started = time.monotonic()
     deadline = started + grace
@@ -665,6 +864,8 @@ def stop_tree(find, grace, poll=0.02, kill_wait=2.0, reap_wait=2.0):
                 break
             time.sleep(poll)
         kill_deadline = time.monotonic() + kill_wait
+        if live and kill_all:
+            kill_all()
         while live and time.monotonic() < kill_deadline:
             for p in live:
                 members.setdefault(p.key, p)
@@ -690,6 +891,23 @@ def stop_tree(find, grace, poll=0.02, kill_wait=2.0, reap_wait=2.0):
 # Executions ###################################################################
 ###############################################################################
 
+def cap_log(path, max_bytes):
+    """Keep a case log under max_bytes: copy it to path.1 and truncate it.
+
+    The case appends (O_APPEND) to the file it inherited, so renaming would
+    not help; after truncation its next write lands at the new, empty end.
+    At most two copies per case stay on disk."""
+    try:
+        if os.path.getsize(path) <= max_bytes:
+            return
+        with open(path, "rb") as src, open(path + ".1", "wb") as dst:
+            src.seek(-max_bytes // 2, os.SEEK_END)
+            dst.write(src.read())
+        os.truncate(path, 0)
+    except OSError:
+        pass
+
+
 RUNNING, CANCELLING, CANCELLED, SUCCESS, FAILED = (
     "RUNNING", "CANCELLING", "CANCELLED", "SUCCESS", "FAILED")
 FINAL = (CANCELLED, SUCCESS, FAILED)
@@ -701,8 +919,10 @@ MOVES = {RUNNING: (CANCELLING, SUCCESS, FAILED), CANCELLING: (CANCELLED,)}
 class Execution:
     """In-memory side of one running case: its root and what stops it."""
 
-    def __init__(self, task_id, run_marker, root_pid, root_create_time, child=True):
+    def __init__(self, task_id, run_marker, root_pid, root_create_time, child=True,
+                 cgroup=None):
         self.task_id = task_id
+        self.cgroup = cgroup        # its own cgroup v2 directory, when there is one
         self.run_marker = run_marker
         self.root_pid = root_pid
         self.root_create_time = root_create_time
@@ -714,7 +934,8 @@ class Execution:
         self.last_stop = None
 
     def find(self):
-        return case_finder(self.run_marker, self.root_pid, self.root_create_time, self.known)
+        return case_finder(self.run_marker, self.root_pid, self.root_create_time, self.known,
+                           self.cgroup)
 
 
 class Executor:
@@ -728,6 +949,9 @@ class Executor:
         self.running = {}           # taskId -> Execution
         self.by_pid = {}            # root pid -> Execution, for the reaper
         self.tombstones = {}        # taskId -> expiry, cancelled before it was executed
+        self.metrics = self.declare_metrics()
+        self.cgroups = (cgroup_base(f"case-executor-{config.port}")
+                        if config.cgroups == "auto" else None)
         self.child_started = threading.Event()
         self.report_due = threading.Event()
         self.stopping = threading.Event()
@@ -736,14 +960,42 @@ class Executor:
 
     # -- start and stop -------------------------------------------------------
 
+    def declare_metrics(self):
+        m = Metrics("executor")
+        m.declare("cancel_requests_total", "counter",
+                  "Cancel requests, by outcome: cancelled, not_found, incomplete.")
+        m.declare("processes_terminated_total", "counter",
+                  "Case processes that ended after SIGTERM, within the grace.")
+        m.declare("processes_killed_total", "counter", "Case processes that needed SIGKILL.")
+        m.declare("termination_failures_total", "counter",
+                  "Case processes still alive after SIGKILL (survivors).")
+        m.declare("tree_stop_seconds", "histogram",
+                  "Time to end a case's process tree, by reason: cancel or leftovers.")
+        m.declare("reports_total", "counter", "Outcome reports to the collector, by outcome.")
+        m.declare("running_cases", "gauge", "Executions currently running or being cancelled.",
+                  gauge=lambda: len(self.running))
+        return m
+
     def start(self):
         become_subreaper()
         self.adopt_survivors()
-        for target in (self.reap_forever, self.watch_adopted, self.report_forever):
-            threading.Thread(target=target, name=target.__name__, daemon=True).start()
+        self.prune_logs()
+        for target in (self.reap_forever, self.watch_forever, self.report_forever):
+            self.in_thread(target)
+
+    def in_thread(self, target, *args):
+        """Run target in a daemon thread; an exception is logged and counted, not lost."""
+        def run():
+            try:
+                target(*args)
+            except Exception:
+                internal_error(target.__name__, self.metrics)
+        threading.Thread(target=run, name=target.__name__, daemon=True).start()
 
     def close(self):
         """Cases keep running: lab work survives an executor restart and is adopted."""
+        if self.cgroups:
+            cgroup_remove(self.cgroups)     # only if no case is left in it
         self.stopping.set()
         self.child_started.set()
         self.report_due.set()
@@ -765,8 +1017,9 @@ class Executor:
         with self.lock:
             self.forget_expired_tombstones()
             if task_id in self.tombstones:
-                raise Conflict(f"task {task_id} was cancelled before it started")
-            log_path = os.path.join(self.config.log_dir, f"{task_id}.log")
+                raise Conflict(f"task {task_id} was cancelled before it started",
+                               {"taskId": task_id})
+            log_path = self.log_path(task_id)
             run_marker = uuid.uuid4().hex
             try:
                 with self.db.transaction() as c:
@@ -776,16 +1029,16 @@ class Executor:
                         (task_id, run_marker, script, json.dumps(args), RUNNING, log_path,
                          report_url, now))
             except sqlite3.IntegrityError:
-                raise Conflict(f"task {task_id} already exists")
+                raise Conflict(f"task {task_id} already exists", {"taskId": task_id})
             try:
-                pid = self.spawn(task_id, run_marker, path, args, log_path)
+                pid, cgroup = self.spawn(task_id, run_marker, path, args, log_path)
                 ctime = read_proc(pid).create_time
             except Exception:
                 self.db.run("DELETE FROM execution WHERE task_id = ?", (task_id,))
-                raise internal_error("execute", f"could not start {script}")
-            self.db.run("UPDATE execution SET root_pid = ?, root_create_time = ? WHERE task_id = ?",
-                        (pid, ctime, task_id))
-            ex = Execution(task_id, run_marker, pid, ctime)
+                raise internal_error("execute", self.metrics, f"could not start {script}")
+            self.db.run("UPDATE execution SET root_pid = ?, root_create_time = ?, cgroup = ?"
+                        " WHERE task_id = ?", (pid, ctime, cgroup, task_id))
+            ex = Execution(task_id, run_marker, pid, ctime, cgroup=cgroup)
             self.running[task_id] = ex
             self.by_pid[pid] = ex
         self.child_started.set()
@@ -804,59 +1057,101 @@ class Executor:
         env["PYTHONUNBUFFERED"] = "1"
         env[MARKER_ENV] = task_id
         env[RUN_MARKER_ENV] = run_marker
-        with open(log_path, "ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, path, *args], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        popen.returncode = 0
-        return popen.pid
+        argv = [sys.executable, path, *args]
+        cgroup = os.path.join(self.cgroups, task_id) if self.cgroups else None
+        gate = os.pipe() if cgroup else None
+        if cgroup:
+            # The shell waits on the gate until it is in the case's cgroup, then
+            # becomes the case (same pid): no process of the case runs outside it.
+            argv = ["/bin/sh", "-c", 'read _ <&3; exec 3<&-; exec "$@"', "case", *argv]
+        try:
+            with open(log_path, "ab") as out:
+                popen = subprocess.Popen(
+                    argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                    pass_fds=gate[:1] if gate else ())
+            popen.returncode = 0
+            if cgroup:
+                try:
+                    os.makedirs(cgroup, exist_ok=True)
+                    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                        f.write(str(popen.pid))
+                except OSError as e:
+                    log.warning("task=%s runs without its own cgroup: %s", task_id, e)
+                    cgroup = None
+        finally:
+            if gate:
+                os.write(gate[1], b"go\n")
+                os.close(gate[0])
+                os.close(gate[1])
+        return popen.pid, cgroup
 
     # -- cancel ----------------------------------------------------------------
 
     def cancel(self, task_id):
         """The design's cancel: end the whole tree; 404 when unknown or finished."""
-        with self.lock:     # the same lock as execute's check-and-insert: no late execute
+        with self.lock:     # execute inserts and registers under this lock: no late execute
             row = self.db.one("SELECT status FROM execution WHERE task_id = ?", (task_id,))
+            ex = self.running.get(task_id)
             if row is None:
                 self.tombstones[task_id] = time.monotonic() + TOMBSTONE_SECONDS
-        if row is None or row["status"] in FINAL:
-            raise NotFound("task not found or already finished", {"taskId": task_id})
-        with self.db.transaction() as c:
-            compare_and_set(c, "execution", "task_id", task_id, MOVES, CANCELLING)
-        ex = self.running.get(task_id)
-        if ex is None:
+        if row is None or row["status"] in FINAL or ex is None:
+            self.metrics.inc("cancel_requests_total", outcome="not_found")
             raise NotFound("task not found or already finished", {"taskId": task_id})
         log.info("task=%s cancel requested", task_id)
+        with self.db.transaction() as c:
+            self.move(c, task_id, CANCELLING)
         with ex.stop_lock:
             status = self.db.one("SELECT status FROM execution WHERE task_id = ?",
                                  (task_id,))["status"]
             if status == CANCELLED and ex.last_stop is not None:
                 result = ex.last_stop   # a concurrent cancel already did it
             else:
-                result = stop_tree(ex.find(), self.config.grace_seconds)
-                ex.last_stop = result
-                self.record_stop(ex, result)
+                result = ex.last_stop = self.end_tree(ex, "cancel")
+                self.record_cancel(ex, result)
         data = dict(result.as_dict(), taskId=task_id)
         if result.survivors:
+            self.metrics.inc("cancel_requests_total", outcome="incomplete")
             raise InternalError(f"cancel incomplete: {len(result.survivors)} process(es) survived",
                                 data)
+        self.metrics.inc("cancel_requests_total", outcome="cancelled")
         return data
 
-    def record_stop(self, ex, result):
-        log.info("task=%s stop: signalled=%d terminated=%d killed=%d survivors=%s elapsed=%dms",
-                 ex.task_id, result.signalled, result.terminated, result.killed,
-                 result.survivors or 0, result.elapsed_ms)
+    def end_tree(self, ex, reason):
+        """stop_tree on one case, logged and counted."""
+        kill_all = (lambda: cgroup_kill(ex.cgroup)) if ex.cgroup else None
+        result = stop_tree(ex.find(), self.config.grace_seconds, kill_all=kill_all)
+        if ex.cgroup and not result.survivors:
+            cgroup_remove(ex.cgroup)
+        m = self.metrics
+        m.inc("processes_terminated_total", result.terminated)
+        m.inc("processes_killed_total", result.killed - len(result.survivors))
+        m.inc("termination_failures_total", len(result.survivors))
+        m.observe("tree_stop_seconds", result.elapsed_ms / 1000, reason=reason)
+        log.info("task=%s %s: signalled=%d terminated=%d killed=%d survivors=%d elapsed=%dms",
+                 ex.task_id, reason, result.signalled, result.terminated, result.killed,
+                 len(result.survivors), result.elapsed_ms)
         if result.survivors:
             log.error("task=%s could not end pids %s", ex.task_id, result.survivors)
+        return result
+
+    def record_cancel(self, ex, result):
         with self.db.transaction() as c:
             c.execute("UPDATE execution SET stop_result = ? WHERE task_id = ?",
                       (json.dumps(result.as_dict()), ex.task_id))
-            if not result.survivors and compare_and_set(
-                    c, "execution", "task_id", ex.task_id, MOVES, CANCELLED,
-                    finished_at=time.time(), exit_code=ex.exit_code):
+            if not result.survivors and self.move(c, ex.task_id, CANCELLED,
+                                                  finished_at=time.time(),
+                                                  exit_code=ex.exit_code):
                 self.queue_report(c, ex.task_id)
         if not result.survivors:
             self.forget(ex)
+
+    def move(self, conn, task_id, to, **fields):
+        """The one place an execution's status changes."""
+        moved = compare_and_set(conn, "execution", "task_id", task_id, MOVES, to, **fields)
+        if moved:
+            log.info("task=%s status -> %s", task_id, to)
+        return moved
 
     def forget_expired_tombstones(self):
         now = time.monotonic()
@@ -887,18 +1182,24 @@ class Executor:
                 if ex is not None:
                     ex.exit_code = os.waitstatus_to_exitcode(status)
             if ex is not None:
-                threading.Thread(target=self.root_exited, args=(ex,), daemon=True).start()
+                self.in_thread(self.root_exited, ex)
 
-    def watch_adopted(self):
-        """Adopted roots are not our children: poll them, since no exit status arrives."""
+    def watch_forever(self):
+        """Poll adopted roots (not our children: no exit status arrives for them),
+        keep case logs within their size, and now and then remove old logs."""
+        last_prune = time.monotonic()
         while not self.stopping.wait(0.5):
             with self.lock:
-                adopted = [ex for ex in self.running.values() if not ex.child]
-            for ex in adopted:
-                alive = same_process(read_proc(ex.root_pid), ex.root_pid, ex.root_create_time)
-                if not alive and not ex.root_gone:
+                running = list(self.running.values())
+            for ex in running:
+                if not ex.child and not ex.root_gone and not same_process(
+                        read_proc(ex.root_pid), ex.root_pid, ex.root_create_time):
                     ex.root_gone = True
-                    threading.Thread(target=self.root_exited, args=(ex,), daemon=True).start()
+                    self.in_thread(self.root_exited, ex)
+                cap_log(self.log_path(ex.task_id), self.config.log_max_bytes)
+            if time.monotonic() - last_prune > 600:
+                self.prune_logs()
+                last_prune = time.monotonic()
 
     def root_exited(self, ex):
         """The script ended by itself: end what it left behind, then record its outcome."""
@@ -909,22 +1210,22 @@ class Executor:
                 return      # a cancel owns this execution
             note = None
             if not self.config.keep_leftovers:
-                result = stop_tree(ex.find(), self.config.grace_seconds)
+                result = self.end_tree(ex, "leftovers")
                 if result.signalled:
                     note = f"ended {result.signalled} leftover process(es)"
                     log.warning("task=%s script exited but left processes behind: %s",
                                 ex.task_id, result.as_dict())
             if code is None:
-                to, note = FAILED, "ended while the executor was down; exit code unknown"
+                to, note = FAILED, "ended after an executor restart; its exit code is unknown"
             else:
                 to = SUCCESS if code == 0 else FAILED
             with self.db.transaction() as c:
-                moved = compare_and_set(c, "execution", "task_id", ex.task_id, MOVES, to,
-                                        exit_code=code, finished_at=time.time(), note=note)
+                moved = self.move(c, ex.task_id, to, exit_code=code, finished_at=time.time(),
+                                  note=note)
                 if moved:
                     self.queue_report(c, ex.task_id)
             if moved:
-                log.info("task=%s finished status=%s exit=%s", ex.task_id, to, code)
+                log.info("task=%s finished by itself: exit=%s", ex.task_id, code)
                 self.forget(ex)
 
     # -- registry after a restart -------------------------------------------------
@@ -934,7 +1235,7 @@ class Executor:
         for row in self.db.all("SELECT * FROM execution WHERE status IN (?, ?)",
                                (RUNNING, CANCELLING)):
             ex = Execution(row["task_id"], row["run_marker"], row["root_pid"],
-                           row["root_create_time"], child=False)
+                           row["root_create_time"], child=False, cgroup=row["cgroup"])
             with self.lock:
                 self.running[ex.task_id] = ex
                 self.by_pid[ex.root_pid] = ex
@@ -977,13 +1278,51 @@ class Executor:
                         " report_error = NULL WHERE task_id = ?", (attempts, row["task_id"]))
             log.info("task=%s reported %s to collector (HTTP %s)", row["task_id"],
                      row["status"], code)
+            self.metrics.inc("reports_total", outcome="delivered")
             next_try.pop(row["task_id"], None)
         else:
             self.db.run("UPDATE execution SET report_attempts = ?, report_error = ?"
                         " WHERE task_id = ?", (attempts, error, row["task_id"]))
             log.warning("task=%s report attempt %d failed: %s", row["task_id"], attempts, error)
+            self.metrics.inc("reports_total", outcome="failed")
             next_try[row["task_id"]] = time.monotonic() + backoff(
                 attempts, self.config.report_retry_max)
+
+    # -- case logs -------------------------------------------------------------
+
+    def log_path(self, task_id):
+        return os.path.join(self.config.log_dir, f"{task_id}.log")
+
+    def prune_logs(self):
+        """Remove logs of finished cases older than the retention period."""
+        cutoff = time.time() - self.config.log_retention_days * 86400
+        with self.lock:
+            running = set(self.running)
+        for name in os.listdir(self.config.log_dir):
+            task_id = name.split(".log")[0]
+            path = os.path.join(self.config.log_dir, name)
+            try:
+                if task_id not in running and os.path.getmtime(path) < cutoff:
+                    os.remove(path)
+                    log.info("task=%s log %s removed after retention", task_id, name)
+            except OSError:
+                pass
+
+    def read_log(self, task_id, offset, limit):
+        """A page of a case's output: from offset, or the last `limit` bytes."""
+        self.status(task_id)        # 404 for an unknown task
+        path = self.log_path(task_id)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                start = max(0, size - limit) if offset is None else min(offset, size)
+                f.seek(start)
+                chunk = f.read(limit)
+        except FileNotFoundError:
+            size, start, chunk = 0, 0, b""
+        return {"taskId": task_id, "offset": start, "nextOffset": start + len(chunk),
+                "size": size, "text": chunk.decode("utf-8", "replace"),
+                "olderCopy": os.path.exists(path + ".1")}
 
     # -- queries ---------------------------------------------------------------
 
@@ -1018,7 +1357,7 @@ def public_execution(row):
 def make_app(config):
     """The executor's bottle app; app.config['executor'] is the running service."""
     service = Executor(config)
-    app = make_bottle("executor")
+    app = make_bottle("executor", service.metrics)
     app.config["executor"] = service
     tokens = {"collector": config.token} if config.token else {}
     guarded = lambda: require_token(tokens)   # noqa: E731
@@ -1029,11 +1368,7 @@ def make_app(config):
         body = json_body()
         task_id = check_task_id(body.get("taskId", uuid.uuid4().hex))
         args = string_list(body.get("args", []), "args")
-        report_url = body.get("reportUrl")
-        if report_url is not None:
-            parts = urlsplit(report_url) if isinstance(report_url, str) else None
-            if parts is None or parts.scheme != "http" or not parts.hostname or not parts.port:
-                raise BadRequest("'reportUrl' must be an http://host:port/path URL")
+        report_url = check_report_url(body.get("reportUrl"))
         data = service.execute(task_id, body.get("script"), args, report_url)
         return envelope(200, "task started", data)
 
@@ -1054,10 +1389,29 @@ def make_app(config):
         guarded()
         return envelope(200, "ok", service.tasks())
 
+    @app.get("/test-case-execution/log/<task_id>")
+    def case_log(task_id):
+        guarded()
+        check_task_id(task_id)
+        query = bottle.request.query
+        offset = query.get("offset")
+        limit = query.get("limit", "65536")
+        if offset is not None and not offset.isdigit():
+            raise BadRequest("'offset' must be a non-negative integer")
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_BODY_BYTES:
+            raise BadRequest(f"'limit' must be an integer from 1 to {MAX_BODY_BYTES}")
+        data = service.read_log(task_id, None if offset is None else int(offset), int(limit))
+        return envelope(200, "ok", data)
+
+    @app.get("/metrics")
+    def metrics():
+        return serve_metrics(service.metrics)
+
     @app.get("/health")
     def health():
         return envelope(200, "ok", {"service": "executor", "pid": os.getpid(),
-                                    "running": len(service.running)})
+                                    "running": len(service.running),
+                                    "cgroups": service.cgroups})
 
     return app
 
@@ -1090,7 +1444,14 @@ def parse_args(argv, defaults=ExecutorConfig()):
                    help="allow a non-loopback --host without a token")
     p.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout)
     p.add_argument("--read-timeout", type=float, default=defaults.read_timeout)
+    p.add_argument("--log-max-bytes", type=int, default=defaults.log_max_bytes,
+                   help="cap of a case log; one older copy (<taskId>.log.1) is kept")
+    p.add_argument("--log-retention-days", type=float, default=defaults.log_retention_days,
+                   help="case logs of finished cases older than this are removed")
+    p.add_argument("--cgroups", choices=("auto", "off"), default=defaults.cgroups,
+                   help="auto: run each case in its own cgroup v2 when allowed (default)")
     p.add_argument("--log-level", default=env("EXECUTOR_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
     a = p.parse_args(argv)
     if not a.token and not a.insecure and not is_loopback(a.host):
         p.error(f"refusing to listen on {a.host} without a token: anyone who can reach it "
@@ -1100,8 +1461,9 @@ def parse_args(argv, defaults=ExecutorConfig()):
         host=a.host, port=a.port, cases_dir=a.cases_dir, db=a.db, log_dir=a.log_dir,
         work_dir=a.work_dir, grace_seconds=a.grace_seconds, keep_leftovers=a.keep_leftovers,
         token=a.token, connect_timeout=a.connect_timeout,
-        read_timeout=a.read_timeout)
-    return config, a.log_level
+        read_timeout=a.read_timeout, log_max_bytes=a.log_max_bytes,
+        log_retention_days=a.log_retention_days, cgroups=a.cgroups)
+    return config, a
 
 
 def is_loopback(host):
@@ -1113,20 +1475,38 @@ def is_loopback(host):
         return False
 
 
-def setup_logging(level):
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers; ids stay in the message."""
+
+    def format(self, record):
+        entry = {"time": self.formatTime(record), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        entry.update(re.findall(r"\b(task|instance|execution|executor|pid)=(\S+)",
+                                entry["message"]))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level, fmt="text"):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
 
 
 def main(argv=None):
-    config, level = parse_args(argv)
-    setup_logging(level)
+    config, opts = parse_args(argv)
+    setup_logging(opts.log_level, opts.log_format)
     app = make_app(config)
     service = app.config["executor"]
     server = make_server(app, config.host, config.port)
     service.start()
-    log.info("executor listening on http://%s:%s cases-dir=%s grace=%ss", config.host,
-             server.server_port, service.cases_dir, config.grace_seconds)
+    log.info("executor listening on http://%s:%s cases-dir=%s grace=%ss cgroups=%s",
+             config.host, server.server_port, service.cases_dir, config.grace_seconds,
+             service.cgroups or "off (scan only)")
     run_server(server, on_stop=service.close)
     return 0
 

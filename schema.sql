@@ -14,6 +14,7 @@ CREATE TABLE IF NOT EXISTS execution (
     status           TEXT NOT NULL,                  -- RUNNING CANCELLING CANCELLED SUCCESS FAILED
     root_pid         INTEGER,
     root_create_time REAL,                           -- with root_pid: the process identity
+    cgroup           TEXT,                           -- the case's own cgroup v2, if any
     exit_code        INTEGER,
     log_path         TEXT,
     report_url       TEXT,                           -- where the collector wants the outcome
@@ -36,6 +37,7 @@ CREATE TABLE IF NOT EXISTS collect_task (
     started_at  REAL,
     finished_at REAL,
     stopped_at  REAL,
+    stop_confirmed_at REAL,                          -- every cancel confirmed by its executor
     stopped_by  TEXT,
     stop_reason TEXT
 );

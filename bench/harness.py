@@ -23,6 +23,27 @@ import uuid
 import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the measured code lives: the working tree, or an export of one commit
+# (run.py --ref) so that edits made meanwhile do not leak into the figures.
+CODE = {"root": ROOT}
+CODE_FILES = ("executor.py", "collector.py", "schema.sql", "fake_case.py", "bench/idle_case.py")
+
+
+def code_root():
+    return CODE["root"]
+
+
+def export_code(ref, dest):
+    """Write the measured files as they are in commit ref under dest; use them."""
+    for name in CODE_FILES:
+        data = subprocess.run(["git", "-C", ROOT, "show", f"{ref}:{name}"], check=True,
+                              capture_output=True, timeout=30).stdout
+        path = os.path.join(dest, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    CODE["root"] = dest
+    return dest
 BENCH_RUN_ENV = "BENCH_RUN"
 RUN_ID = uuid.uuid4().hex
 MY_PID = os.getpid()
@@ -103,9 +124,9 @@ class Service:
         env[BENCH_RUN_ENV] = RUN_ID
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, os.path.join(ROOT, self.script), "--host", self.host,
+                [sys.executable, os.path.join(code_root(), self.script), "--host", self.host,
                  "--port", str(self.port), *self.args],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                cwd=code_root(), env=env, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
@@ -116,11 +137,18 @@ class Service:
     def healthy(self):
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.script} on {self.address} exited with "
-                               f"{self.proc.returncode}; see {self.log_path}")
+                               f"{self.proc.returncode}:\n{self.log_tail()}")
         try:
             return http_json(self.address, "GET", "/health", timeout=2)[0] == 200
         except OSError:
             return False
+
+    def log_tail(self, lines=20):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
 
     @property
     def pid(self):
@@ -188,7 +216,7 @@ def executor_service(host, base, grace, name):
     d = os.path.join(base, name)
     os.makedirs(d, exist_ok=True)
     return Service("executor.py", host,
-                   ["--cases-dir", ROOT, "--db", os.path.join(d, "executor.db"),
+                   ["--cases-dir", code_root(), "--db", os.path.join(d, "executor.db"),
                     "--log-dir", os.path.join(d, "logs"), "--work-dir", os.path.join(d, "work"),
                     "--grace-seconds", str(grace), "--log-level", "WARNING"],
                    os.path.join(d, "service.log"))

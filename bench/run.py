@@ -42,15 +42,15 @@ import _thread
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import (BENCH_RUN_ENV, MY_PID, ROOT, RUN_ID, SurvivorCounter,  # noqa: E402
-                     call_with_timeouts, collector_service, executor_service, fmt_ms,
+from harness import (BENCH_RUN_ENV, CODE_FILES, MY_PID, ROOT, RUN_ID,  # noqa: E402
+                     SurvivorCounter, call_with_timeouts, code_root, collector_service,
+                     executor_service, export_code, fmt_ms,
                      kill_everything, log, marked_pids, median, ms, new_id, percentile,
                      read_pid_file, reap_children, slope, start_services, table,
                      wait_until)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FAKE_CASE = os.path.join(ROOT, "fake_case.py")
-IDLE_CASE = "bench/idle_case.py"      # relative to the executors' --cases-dir (ROOT)
+IDLE_CASE = "bench/idle_case.py"      # relative to the executors' --cases-dir (the code root)
 CASE_ID_ENV = "CASE_EXEC_TASK_ID"     # the executor marks every case process with it
 BASELINE_ENV = "BENCH_CASE"           # the bench marks the cases it starts itself
 SAFETY_SECONDS = "300"                # fake_case processes end by themselves after this
@@ -70,7 +70,7 @@ class Topology:
 class Plan:
     runs: int = 5
     grace: float = 1.0            # executor --grace-seconds, and the baselines' grace
-    never_after: float = 2.0      # "never": survivors still there this long after the stop returned
+    never_after: float = 1.0      # "never": survivors still there this long after the stop returned
     topologies: list = None
     api_executors: int = 10
     api_instances: int = 40
@@ -120,8 +120,11 @@ def quick_plan():
 
 def expected_entries(args):
     """How many pid-file entries a fake_case.py run will write (its own formula)."""
-    sys.path.insert(0, ROOT)
-    import fake_case
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fake_case", os.path.join(code_root(),
+                                                                            "fake_case.py"))
+    fake_case = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake_case)
     return fake_case.expected_count(fake_case.parse_args(list(args)))
 
 
@@ -260,7 +263,8 @@ def kill_run(plan, base, executor, topo, method, run):
     else:
         mark = new_id("case")
         env = dict(os.environ, **{BENCH_RUN_ENV: RUN_ID, BASELINE_ENV: mark})
-        popen = subprocess.Popen([sys.executable, FAKE_CASE, *args], cwd=base, env=env,
+        popen = subprocess.Popen([sys.executable, os.path.join(code_root(), "fake_case.py"),
+                                  *args], cwd=base, env=env,
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)
         marker = (BASELINE_ENV, mark)
@@ -276,6 +280,8 @@ def kill_run(plan, base, executor, topo, method, run):
         to_zero, left, at_return, took, result, error = measure_stop(
             stop, pid_file, counter, plan.never_after)
         processes = max(processes, len(read_pid_file(pid_file)))   # a storm adds more
+        # Also by environment marker: catches a process that never made it into the pid file.
+        marked = len(marked_pids(*marker))
     finally:
         kill_everything(pid_file, marker)
         if popen is not None:
@@ -284,7 +290,7 @@ def kill_run(plan, base, executor, topo, method, run):
             except subprocess.TimeoutExpired:
                 pass
     return {"topology": topo.key, "method": method, "run": run, "processes": processes,
-            "survivors": left, "survivors_at_return": at_return,
+            "survivors": left, "survivors_at_return": at_return, "marked_left": marked,
             "time_to_zero_ms": ms(to_zero), "stop_call_ms": ms(took),
             "cancel": result if method == "executor" else None, "error": error}
 
@@ -334,6 +340,7 @@ def summarize_kill(plan, runs):
                 "time_to_zero_median_ms": median([r["time_to_zero_ms"] for r in rs]),
                 "stop_call_median_ms": median([r["stop_call_ms"] for r in rs]),
                 "never_runs": sum(r["time_to_zero_ms"] is None for r in rs),
+                "marked_left_max": max(r["marked_left"] for r in rs),
                 "runs": len(rs),
                 "errors": [r["error"] for r in rs if r["error"]],
             }
@@ -600,16 +607,15 @@ def summarize_api(plan, rows, design):
     for row in rows:
         lat = [r["latency_ms"] for r in row["collector"]]
         refs = [r["total_ms"] for r in row["reference"]]
-        states = {}
-        for r in row["collector"]:
-            for k, v in r["cancel_states"].items():
-                states[k] = states.get(k, 0) + v
+        combos = [tuple(sorted(r["cancel_states"].items())) for r in row["collector"]]
+        states = dict(max(set(combos), key=combos.count)) if combos else {}
         out.append({
             "silent": row["silent"], "unconnectable": row["unconnectable"],
             "blackholed": row["silent"] + row["unconnectable"],
             "collector_median_ms": median(lat), "collector_max_ms": max(lat),
             "collector_errors": sum(1 for r in row["collector"] if r["error"]),
-            "cancel_states_at_answer": states,
+            "cancel_states_at_answer": states,     # the most common per run
+            "cancel_states_runs": [r["cancel_states"] for r in row["collector"]],
             "reference_scaled_median_ms": median(refs) if refs else None,
             "reference_scaled_max_ms": max(refs) if refs else None,
             "reference_projected_design_ms": round(project_design(plan, row, ok_ms), 1),
@@ -620,7 +626,7 @@ def summarize_api(plan, rows, design):
 def api_table(plan, summary):
     c_s, r_s = plan.ref_timeouts
     header = ["black-holed of " + str(plan.api_executors), "collector stop median", "max",
-              "cancel states at answer",
+              "cancel states at answer (per run)",
               f"one-after-another, {c_s:g} s/{r_s:g} s timeouts: median", "max",
               "one-after-another at 10 s/30 s (projected)"]
     out = []
@@ -757,11 +763,14 @@ def targets(plan, kill_rows, api, scale, quick):
     def add(name, met, evidence):
         out.append({"target": name, "met": met, "evidence": evidence})
 
-    bad = [(r["topology"], r["executor"]["survivors_max"]) for r in kill_rows
-           if r["executor"]["survivors_max"] or r["executor"]["never_runs"]]
-    add("zero survivors in every topology for the executor's cancel", not bad,
-        "every run of every topology ended with 0 survivors" if not bad
-        else f"survivors in {bad}")
+    bad = [(r["topology"], r["executor"]["survivors_max"], r["executor"]["marked_left_max"])
+           for r in kill_rows if r["executor"]["survivors_max"] or r["executor"]["never_runs"]
+           or r["executor"]["marked_left_max"]]
+    if kill_rows:
+        add("zero survivors in every topology for the executor's cancel", not bad,
+            f"every run of all {len(kill_rows)} topologies ended with 0 survivors (pid file) "
+            f"and 0 processes left carrying the case's marker" if not bad
+            else f"(topology, survivors, marked processes left) {bad}")
     wide = next((r for r in kill_rows if r["topology"] == "wide-200"), None)
     if wide:
         t = wide["executor"]["time_to_zero_median_ms"]
@@ -796,13 +805,38 @@ def targets(plan, kill_rows, api, scale, quick):
             f"{fmt_ms(worst['collector_max_ms'])} (limit {fmt_ms(limit)}); {ref}")
     top = max(scale, key=lambda r: r["stops"]) if scale else None
     if top:
+        cpu = sum(top["cpu_s"].values())
+        cancels = top["stops"] * plan.scale_instances
+        cpus = os.cpu_count() or 1
         add(f"{top['stops']} concurrent stops: p99 < 2 s, no errors",
             top["p99_ms"] < 2000 and not top["errors"],
-            f"p99 {fmt_ms(top['p99_ms'])}, max {fmt_ms(top['max_ms'])}, errors {top['errors']}, "
-            f"cancels at answer {top['cancel_states_at_answer']}")
+            f"p50 {fmt_ms(top['p50_ms'])}, p99 {fmt_ms(top['p99_ms'])}, max "
+            f"{fmt_ms(top['max_ms'])}, errors {top['errors']}, cancels at answer "
+            f"{top['cancel_states_at_answer']}; the services used {cpu:.2f} CPU-seconds for "
+            f"{cancels} cancels ({cpu / cancels * 1000:.1f} ms each), which on {cpus} cores "
+            f"takes at least {cpu / cpus:.2f} s even with nothing else running")
     if quick:
         for t in out:
             t["note"] = "quick run: tiny sizes, not the targets' sizes"
+    return out
+
+
+def code_fingerprint(ref=None):
+    """What code was measured: a commit (--ref), or HEAD plus the working tree."""
+    import hashlib
+    out = {"ref": ref} if ref else {}
+    try:
+        out["head"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", ref or "HEAD"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip()
+        if not ref:
+            status = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--",
+                                     *CODE_FILES], capture_output=True, text=True, timeout=10)
+            out["dirty"] = [line.strip() for line in status.stdout.split("\n") if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for name in CODE_FILES:
+        with open(os.path.join(code_root(), name), "rb") as f:
+            out[name] = hashlib.sha256(f.read()).hexdigest()[:12]
     return out
 
 
@@ -813,6 +847,18 @@ def environment():
             "loadavg": os.getloadavg(), "processes_on_machine": len(psutil.pids())}
 
 
+def code_line(env):
+    code = env.get("code") or {}
+    text = (f"commit {code['head']} (`--ref {code['ref']}`)" if code.get("ref")
+            else f"HEAD {code.get('head', '?')}")
+    if code.get("dirty"):
+        text += " + uncommitted changes to " + ", ".join(d.split()[-1] for d in code["dirty"])
+    text += f" (executor.py {code.get('executor.py')}, collector.py {code.get('collector.py')})"
+    if env.get("code_changed_during_run"):
+        text += " - **changed during the run: " + ", ".join(env["code_changed_during_run"]) + "**"
+    return text
+
+
 def render(plan, quick, env, kill_rows, api, scale, growth, target_list, elapsed):
     c_s, r_s = plan.ref_timeouts
     parts = [
@@ -820,7 +866,7 @@ def render(plan, quick, env, kill_rows, api, scale, growth, target_list, elapsed
         f"({'quick: tiny sizes, 1 run each' if quick else f'median of {plan.runs} runs'}) on "
         f"{env['cpus']} CPUs, Python {env['python']}, load average at start "
         f"{env['loadavg_start'][0]:.2f}, {env['processes_on_machine']} processes on the machine; "
-        f"whole run {elapsed:.0f} s. Raw figures: `bench/results.json`.",
+        f"whole run {elapsed:.0f} s; code: {code_line(env)}. Raw figures: `bench/results.json`.",
         "",
         "### 1. Kill completeness and time per topology",
         "",
@@ -884,11 +930,7 @@ def render(plan, quick, env, kill_rows, api, scale, growth, target_list, elapsed
         "",
         g2,
         "",
-        f"Slope: the executor's cancel of a cooperative tree costs "
-        f"{growth['tree_slope_ms_per_process']} ms per process (+ "
-        f"{growth['tree_intercept_ms']} ms fixed); the stop of one task costs "
-        f"{growth['task_slope_ms_per_instance']} ms per instance (+ "
-        f"{growth['task_intercept_ms']} ms fixed), least squares over the medians.",
+        growth_sentence(growth),
         "",
         "### Targets",
         "",
@@ -896,7 +938,29 @@ def render(plan, quick, env, kill_rows, api, scale, growth, target_list, elapsed
     for t in target_list:
         parts.append(f"- {'met' if t['met'] else '**missed**'}: {t['target']} - {t['evidence']}"
                      + (f" ({t['note']})" if t.get("note") else ""))
+    parts += ["", "Reproduce: `make bench` (this run; `bench/run.py --ref HEAD` measures the "
+              "last commit rather than the working tree), `.venv/bin/python bench/run.py "
+              "--quick` (a smoke run, < 60 s), and for where the CPU goes `.venv/bin/pip "
+              "install py-spy && .venv/bin/python bench/profile.py --stops 100` (or "
+              "`--tree 200`)."]
     return "\n".join(parts) + "\n"
+
+
+def growth_sentence(g):
+    def ratio(rows, xkey, ykey):
+        if len(rows) < 2 or not rows[0][ykey] or rows[-1][ykey] is None:
+            return ""
+        return (f"; {rows[0][xkey]} -> {rows[-1][xkey]} is x{rows[-1][xkey] / rows[0][xkey]:g} "
+                f"in size and x{rows[-1][ykey] / rows[0][ykey]:.1f} in time")
+    if g["tree_slope_ms_per_process"] is None or g["task_slope_ms_per_instance"] is None:
+        return "Slope: not enough sizes measured."
+    return (f"Slope (least squares over the medians): the executor's cancel of a cooperative "
+            f"tree costs {g['tree_slope_ms_per_process']:.2f} ms per process + "
+            f"{g['tree_intercept_ms']:.0f} ms fixed"
+            f"{ratio(g['trees'], 'processes', 'cancel_median_ms')}; the stop of one task costs "
+            f"{g['task_slope_ms_per_instance']:.2f} ms per instance + "
+            f"{g['task_intercept_ms']:.0f} ms fixed"
+            f"{ratio(g['tasks'], 'instances', 'stop_median_ms')}. Both grow linearly, not worse.")
 
 
 # =============================================================================
@@ -911,8 +975,11 @@ def parse_args(argv):
                    help="run only these sections (repeatable); the report shows what ran")
     p.add_argument("--no-design-run", action="store_true",
                    help="skip the one ~31 s run of the loop at the real 10 s/30 s timeouts")
-    p.add_argument("--out", default=os.path.join(HERE, "results.json"))
-    p.add_argument("--markdown", default=os.path.join(HERE, "RESULTS.md"))
+    p.add_argument("--ref", help="measure the code of this commit (exported to a scratch "
+                   "directory) instead of the working tree, e.g. --ref HEAD")
+    p.add_argument("--out", help="raw figures (default bench/results.json; with --quick "
+                   "a file in the temporary directory, so a smoke run never replaces them)")
+    p.add_argument("--markdown", help="the tables (default bench/RESULTS.md; with --quick none)")
     p.add_argument("--max-minutes", type=float, default=25.0,
                    help="abort (and clean up) if the whole run takes longer than this")
     return p.parse_args(argv)
@@ -935,6 +1002,11 @@ def main(argv=None):
     if a.no_design_run:
         plan.design_ref_cap = 0
     sections = set(a.only or ("kill", "api", "scale", "growth"))
+    if a.out is None:
+        a.out = (os.path.join(tempfile.gettempdir(), f"task-stop-bench-quick-{os.getuid()}.json")
+                 if a.quick else os.path.join(HERE, "results.json"))
+    if a.markdown is None and not a.quick:
+        a.markdown = os.path.join(HERE, "RESULTS.md")
     base = tempfile.mkdtemp(prefix="task-stop-bench-")
     watchdog = threading.Timer(a.max_minutes * 60, _thread.interrupt_main)
     watchdog.daemon = True
@@ -945,28 +1017,51 @@ def main(argv=None):
     started = time.monotonic()
     raw = {"run_id": RUN_ID, "quick": a.quick, "plan": dataclasses.asdict(plan),
            "environment": env, "sections": sorted(sections)}
+    if a.ref:
+        export_code(a.ref, os.path.join(base, "code"))
+    raw["code_at_start"] = code_fingerprint(a.ref)
+    timing = raw["section_timing"] = {}
+
+    def timed(name, fn, *args):
+        t, load = time.monotonic(), os.getloadavg()[0]
+        try:
+            return fn(*args)
+        finally:
+            timing[name] = {"seconds": round(time.monotonic() - t, 1),
+                            "loadavg_1min_start": load, "loadavg_1min_end": os.getloadavg()[0]}
+            log(f"  ({name}: {timing[name]['seconds']} s, load average {load:.1f} -> "
+                f"{timing[name]['loadavg_1min_end']:.1f})")
+
     kill_rows, api, scale, growth_trees, growth_tasks = [], {"rows": []}, [], [], []
     try:
         if "kill" in sections or "growth" in sections:
             p = plan if "kill" in sections else dataclasses.replace(plan, topologies=[])
             if "growth" not in sections:
                 p = dataclasses.replace(p, growth_trees=())
-            kill_runs, growth_trees = section_kill(p, base)
+            kill_runs, growth_trees = timed("kill", section_kill, p, base)
             raw["kill_runs"] = kill_runs
             kill_rows = summarize_kill(plan, kill_runs)
         if "api" in sections:
-            api_rows, design = section_api(plan, base)
+            api_rows, design = timed("api", section_api, plan, base)
             raw["api_runs"] = api_rows
             api = summarize_api(plan, api_rows, design)
         if "scale" in sections:
-            scale = section_scale(plan, base)
+            scale = timed("scale", section_scale, plan, base)
         if "growth" in sections:
-            growth_tasks = section_growth_tasks(plan, base)
+            growth_tasks = timed("growth-tasks", section_growth_tasks, plan, base)
     finally:
         watchdog.cancel()
+        raw["code_at_end"] = code_fingerprint(a.ref)
         cleanup(base)
     elapsed = time.monotonic() - started
     env["loadavg_end"] = os.getloadavg()
+    changed = [k for k in CODE_FILES
+               if raw["code_at_start"].get(k) != raw["code_at_end"].get(k)]
+    env["code"] = raw["code_at_start"]
+    env["code_changed_during_run"] = changed
+    if changed:
+        log(f"WARNING: {', '.join(changed)} changed during the run: services started after "
+            f"the change ran the new code; run again for figures of one version")
     growth = growth_summary(plan, growth_trees, growth_tasks) if growth_trees and growth_tasks \
         else {"trees": [], "tasks": [], "tree_slope_ms_per_process": None,
               "tree_intercept_ms": None, "task_slope_ms_per_instance": None,
@@ -991,11 +1086,24 @@ def main(argv=None):
             text += "\n" + scale_table(plan, scale) + "\n"
         for t in target_list:
             text += f"- {'met' if t['met'] else 'missed'}: {t['target']} - {t['evidence']}\n"
-    else:
+    elif a.markdown:
         with open(a.markdown, "w") as f:
             f.write("## Performance\n\n" + text)
     print(text, flush=True)
-    return 0
+    log(f"raw figures: {a.out}" + (f"; tables: {a.markdown}" if a.markdown else ""))
+    # Timing targets are reported, not enforced; a stop that is incomplete or
+    # fails is a defect, and the exit status says so (for a smoke test).
+    defects = [t["evidence"] for t in target_list
+               if t["target"].startswith("zero survivors") and not t["met"]]
+    defects += [f"{r['errors']} failed stop(s) with {r['stops']} concurrent" for r in scale
+                if r["errors"]]
+    defects += [f"{r['collector_errors']} failed stop(s) with {r['blackholed']} black-holed"
+                for r in api["rows"] if r["collector_errors"]]
+    defects += [f"stop of a {r['instances']}-instance task failed {r['errors']} time(s)"
+                for r in growth["tasks"] if r["errors"]]
+    for d in defects:
+        log(f"DEFECT: {d}")
+    return 1 if defects else 0
 
 
 if __name__ == "__main__":

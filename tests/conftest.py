@@ -6,7 +6,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from support import ROOT, TEST_RUN, TEST_RUN_ENV, Service, free_port, kill_marked  # noqa: E402
+from support import (ROOT, TEST_RUN, TEST_RUN_ENV, Service, free_port, kill_marked,  # noqa: E402
+                     remove_cgroups)
 
 DEFAULT_TIMEOUT = 60
 
@@ -52,13 +53,16 @@ def start_executor(tmp_path):
         svc.owner = owner
         svc.db = db or str(base / "executor.db")
         started.append(svc)
-        return svc.start()
+        svc.start()
+        svc.cgroups = svc.call("GET", "/health")[1]["data"]["cgroups"]
+        return svc
 
     yield start
     for svc in started:
         svc.stop()
     for svc in started:
         kill_marked("CASE_TEST_OWNER", svc.owner)
+        remove_cgroups(svc.cgroups)
 
 
 @pytest.fixture

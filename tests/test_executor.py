@@ -327,3 +327,66 @@ def test_stop_tree_reports_a_process_it_cannot_signal_as_a_survivor():
     finally:
         victim.kill()
         victim.wait()
+
+
+ESCAPE = '''"""Leaves every heuristic behind: double fork, new session, empty environment."""
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        with open(sys.argv[1] + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+        os.execvp("env", ["env", "-i", "/bin/sleep", "300"])
+    os._exit(0)
+time.sleep(float(sys.argv[2]))
+'''
+
+
+@pytest.fixture
+def escape_cases(tmp_path):
+    cases = tmp_path / "escape-cases"
+    cases.mkdir()
+    (cases / "escape.py").write_text(ESCAPE)
+    return cases
+
+
+def escaped_process(path, root_pid):
+    """The escapee's identity, once it is out of the case's tree, session and environment."""
+    pid = int(wait_until(lambda: os.path.exists(path) and open(path).read(), 10, 0.02,
+                         "the escapee"))
+    p = psutil.Process(pid)
+    wait_until(lambda: p.name() == "sleep" and p.ppid() != root_pid, 5, 0.02,
+               "the escapee to be orphaned and exec sleep")
+    assert "CASE_EXEC_RUN" not in p.environ() and os.getsid(pid) != root_pid
+    return (pid, p.create_time())
+
+
+def test_a_process_that_escapes_session_tree_and_environment_is_still_ended(
+        start_executor, escape_cases, tmp_path):
+    ex = start_executor(cases_dir=escape_cases)
+    if not ex.cgroups:
+        pytest.skip("no writable cgroup v2 here: such an escapee is out of reach (README)")
+    marker = str(tmp_path / "escapee")
+    code, body = ex.call("POST", "/test-case-execution/execute",
+                         {"taskId": "escape-1", "script": "escape.py", "args": [marker, "300"]})
+    assert code == 200
+    escapee = escaped_process(marker, body["data"]["pid"])
+    code, body = cancel(ex, "escape-1")
+    assert code == 200 and body["data"]["survivors"] == 0
+    assert_all_gone([escapee])
+    assert not os.path.exists(os.path.join(ex.cgroups, "escape-1"))
+
+
+def test_an_escapee_left_behind_by_a_finished_case_is_ended(
+        start_executor, escape_cases, tmp_path):
+    ex = start_executor(cases_dir=escape_cases)
+    if not ex.cgroups:
+        pytest.skip("no writable cgroup v2 here: such an escapee is out of reach (README)")
+    marker = str(tmp_path / "escapee")
+    code, body = ex.call("POST", "/test-case-execution/execute",
+                         {"taskId": "escape-2", "script": "escape.py", "args": [marker, "0.5"]})
+    escapee = escaped_process(marker, body["data"]["pid"])
+    wait_until(lambda: status(ex, "escape-2")["status"] == "SUCCESS", 15, message="case end")
+    assert "leftover" in status(ex, "escape-2")["note"]
+    wait_gone([escapee], 5)

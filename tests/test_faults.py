@@ -162,7 +162,7 @@ def test_case_that_ended_while_the_executor_was_down_is_reported(
     final = wait_task(col, task["id"], "FAILED")
     inst = final["instances"][0]
     assert inst["status"] == "FAILED" and inst["exitCode"] is None
-    assert "exit code unknown" in inst["error"]
+    assert "exit code is unknown" in inst["error"]
 
 
 # -- races -------------------------------------------------------------------------------

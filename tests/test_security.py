@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import sqlite3
 
 import pytest
@@ -176,9 +177,9 @@ EXECUTOR_BAD = [
     ("POST", "/test-case-execution/execute", b'{"script": "../executor.py"}', 400, "relative"),
     ("POST", "/test-case-execution/execute", b'{"script": "nope.py"}', 400, "not found"),
     ("POST", "/test-case-execution/execute", b'{"script": "fake_case.py", "args": [1]}', 400,
-     "list of strings"),
+     "list of at most"),
     ("POST", "/test-case-execution/execute", b'{"script": "fake_case.py", "args": "--x"}', 400,
-     "list of strings"),
+     "list of at most"),
     ("POST", "/test-case-execution/execute", b'{"script": "fake_case.py", "taskId": "../x"}',
      400, "taskId"),
     ("POST", "/test-case-execution/execute",
@@ -188,6 +189,21 @@ EXECUTOR_BAD = [
     ("POST", "/test-case-execution/execute",
      b'{"script": "fake_case.py", "reportUrl": "file:///etc/passwd"}', 400, "reportUrl"),
     ("POST", "/test-case-execution/execute", BIG, 413, "larger than"),
+    ("POST", "/test-case-execution/execute", b"[" * 20000 + b"]" * 20000, 400, "nested too deeply"),
+    ("POST", "/test-case-execution/execute", b'{"script": "fake\\u0000case.py"}', 400, "'script'"),
+    ("POST", "/test-case-execution/execute", b'{"script": "\\ud800.py"}', 400, "not valid JSON"),
+    ("POST", "/test-case-execution/execute", b'{"script": "fake_case.py", "args": ["a\\u0000b"]}',
+     400, "without NUL"),
+    ("POST", "/test-case-execution/execute",
+     b'{"script": "fake_case.py", "args": ["' + b"x" * 40000 + b'"]}', 400, "at most"),
+    ("POST", "/test-case-execution/execute",
+     b'{"script": "fake_case.py", "reportUrl": "http://h:99999/x"}', 400, "reportUrl"),
+    ("POST", "/test-case-execution/execute",
+     b'{"script": "fake_case.py", "reportUrl": "http://h:abc/x"}', 400, "reportUrl"),
+    ("POST", "/test-case-execution/cancel/..", None, 400, "taskId"),
+    ("GET", "/test-case-execution/log/unknown", None, 404, "not found"),
+    ("GET", "/test-case-execution/log/keep?offset=-1", None, 400, "offset"),
+    ("GET", "/test-case-execution/log/keep?limit=0", None, 400, "limit"),
     ("POST", "/test-case-execution/cancel/%2e%2e", None, 400, "taskId"),
     ("POST", "/test-case-execution/cancel/a%20b", None, 400, "taskId"),
     ("GET", "/test-case-execution/status/%C3%A9t%C3%A9", None, 400, "taskId"),
@@ -248,6 +264,14 @@ COLLECTOR_BAD = [
     ("POST", "/api/collect-task",
      b'{"name": "x", "cases": [{"script": "a"}], "executors": [8081]}', 400, "host:port"),
     ("POST", "/api/collect-task", BIG, 413, "larger than"),
+    ("POST", "/api/collect-task", b"[" * 20000 + b"]" * 20000, 400, "nested too deeply"),
+    ("POST", "/api/collect-task", b'{"name": "\\ud800", "cases": [{"script": "a"}]}', 400,
+     "not valid JSON"),
+    ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"script": "' + b"s" * 2000 + b'"}]}',
+     400, "at most 1024"),
+    ("POST", "/api/collect-task",
+     b'{"name": "x", "cases": [{"script": "a"}], "executors": ["127.0.0.9:1"]}', 400,
+     "not one of this collector's"),
     ("GET", "/api/collect-task?limit=-1", None, 400, "limit"),
     ("GET", "/api/collect-task?limit=abc", None, 400, "limit"),
     ("GET", "/api/collect-task/abc", None, 400, "task id"),
@@ -273,6 +297,9 @@ COLLECTOR_BAD = [
      b'{"status": "SUCCESS", "exitCode": true, "executionTaskId": "x"}', 400, "'exitCode'"),
     ("POST", "/api/execution-instance/{inst}/report", b'{"status": "SUCCESS", "exitCode": 0}',
      400, "'executionTaskId'"),
+    ("POST", "/api/execution-instance/{inst}/report",
+     b'{"status": "SUCCESS", "exitCode": 100000000000000000000, "executionTaskId": "x"}', 400,
+     "'exitCode'"),
     ("POST", "/api/execution-instance/{inst}/report",
      b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "not-this-one"}', 409,
      "does not match"),
@@ -322,12 +349,31 @@ def test_an_internal_error_carries_an_error_id_that_is_in_the_log(start_collecto
     assert "no such table" not in json.dumps(body)
 
 
-def test_raw_http_garbage_gets_an_envelope_or_a_closed_connection(start_executor):
+def test_raw_http_garbage_gets_an_envelope(start_executor, start_collector):
     ex = start_executor()
+    col = start_collector([ex.address])
     code, body = http_json(ex.address, "POST", "/test-case-execution/execute",
                            raw=b"\xff\xfe\x00garbage")
     assert code == 400
     assert_envelope(body, 400)
+    code, body = http_json(ex.address, "POST", "/test-case-execution/execute", raw=b"{}",
+                           headers={"Content-Length": "abc"})
+    assert code == 400 and "Content-Length" in body["message"]
+    task = create(col, [{"script": "fake_case.py"}])
+    code, body = http_json(col.address, "POST", f"/api/collect-task/{task['id']}/stop",
+                           headers={"X-User": "caf\xe9\x01"})
+    assert code == 400 and "X-User" in body["message"]
+    assert detail(col, task["id"])["status"] == "PENDING"
+    for request in (b"GARBAGE\r\n\r\n", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
+        host, port = ex.address.split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(request)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head, _, payload = reply.partition(b"\r\n\r\n")
+        assert head.split()[1] in (b"400", b"414"), head
+        assert_envelope(json.loads(payload), int(head.split()[1]))
 
 
 def test_collector_flags_are_validated():
