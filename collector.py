@@ -289,6 +289,7 @@ class Collector:
     def stop_task(self, task_id, reason=None, who=None):
         """The design's stop. Returns (detail, message)."""
         deadline = time.monotonic() + self.config.stop_wait
+        log.info("task=%s stop requested by %s (reason: %s)", task_id, who or "anonymous", reason)
         now = time.time()
         with self.db.transaction() as c:
             task = self.get_task(c, task_id)
@@ -308,8 +309,7 @@ class Collector:
                               cancel_next_at=now + self.lease() if dispatched else None)
                 if dispatched:
                     claimed.append(dict(inst, cancel_attempts=1))
-        log.info("task=%s stop requested by %s (reason: %s): %d cancel(s) to send",
-                 task_id, who or "anonymous", reason, len(claimed))
+        log.info("task=%s stopped: %d cancel(s) to send", task_id, len(claimed))
         futures = [self.pool.submit(self.deliver_cancel, inst) for inst in claimed]
         concurrent.futures.wait(futures, timeout=max(0, deadline - time.monotonic()))
         if not claimed:
@@ -350,13 +350,13 @@ class Collector:
         self.db.run(f"UPDATE test_case_execution_instance SET cancel_state = ?, {sets}"
                     " WHERE id = ? AND cancel_state = 'PENDING'",
                     (state, *fields.values(), inst["id"]))
+        log_at = logging.INFO if state in (DELIVERED, NOT_FOUND) else logging.WARNING
+        log.log(log_at, "%s cancel attempt %d: %s in %dms%s", where, attempt, state, ms,
+                f" ({error})" if error else "")
         if state == "PENDING":
             self.retry_due.set()    # the retrier's next wake-up depends on this outcome
         else:
             self.confirm_stop_if_complete(inst["collect_task_id"])
-        log_at = logging.INFO if state in (DELIVERED, NOT_FOUND) else logging.WARNING
-        log.log(log_at, "%s cancel attempt %d: %s in %dms%s", where, attempt, state, ms,
-                f" ({error})" if error else "")
         return state
 
     def confirm_stop_if_complete(self, task_id):

@@ -212,13 +212,13 @@ def start_services(services, timeout=60.0):
     return services
 
 
-def executor_service(host, base, grace, name):
+def executor_service(host, base, grace, name, extra=()):
     d = os.path.join(base, name)
     os.makedirs(d, exist_ok=True)
     return Service("executor.py", host,
                    ["--cases-dir", code_root(), "--db", os.path.join(d, "executor.db"),
                     "--log-dir", os.path.join(d, "logs"), "--work-dir", os.path.join(d, "work"),
-                    "--grace-seconds", str(grace), "--log-level", "WARNING"],
+                    "--grace-seconds", str(grace), "--log-level", "WARNING", *extra],
                    os.path.join(d, "service.log"))
 
 

@@ -133,11 +133,13 @@ def expected_entries(args):
 # =============================================================================
 
 METHODS = ("terminate", "killpg", "psutil", "executor")
+EXECUTOR_METHODS = ("executor", "executor-scan")
 METHOD_LABELS = {
     "terminate": "`Popen.terminate()`+`kill()` (Java `destroy()`)",
     "killpg": "`os.killpg` on its group",
     "psutil": "psutil recursive children",
     "executor": "executor cancel",
+    "executor-scan": "executor cancel, `--cgroups off`",
 }
 
 
@@ -240,14 +242,16 @@ def measure_stop(stop, pid_file, counter, never_after, hard_cap=120.0):
     return to_zero, n, at_return, done - t0, state.get("result"), state.get("error")
 
 
-def kill_run(plan, base, executor, topo, method, run):
-    """One topology stopped one way; everything it made is killed afterwards."""
+def kill_run(plan, base, executors, topo, method, run):
+    """One topology stopped one way; everything it made is killed afterwards.
+    executors: method -> the executor service for the executor's own methods."""
     pid_file = os.path.join(base, "pids", f"{new_id(topo.key)}.json")
     args = [*topo.args, "--pid-file", pid_file, "--duration", SAFETY_SECONDS,
             "--child-duration", SAFETY_SECONDS]
     ready = topo.ready or expected_entries(topo.args)
     popen = None
-    if method == "executor":
+    if method in EXECUTOR_METHODS:
+        executor = executors[method]
         task_id = new_id("kill")
         code, resp = executor.call("POST", "/test-case-execution/execute",
                                    {"taskId": task_id, "script": "fake_case.py", "args": args})
@@ -292,36 +296,50 @@ def kill_run(plan, base, executor, topo, method, run):
     return {"topology": topo.key, "method": method, "run": run, "processes": processes,
             "survivors": left, "survivors_at_return": at_return, "marked_left": marked,
             "time_to_zero_ms": ms(to_zero), "stop_call_ms": ms(took),
-            "cancel": result if method == "executor" else None, "error": error}
+            "cancel": result if method in EXECUTOR_METHODS else None, "error": error}
 
 
-def section_kill(plan, base):
+def section_kill(plan, base, info):
+    """info receives what the executor ran with: its cgroup base, the methods measured."""
     log("== 1. kill completeness and time ==")
     os.makedirs(os.path.join(base, "pids"), exist_ok=True)
-    executor = executor_service("127.0.0.1", base, plan.grace, "kill-executor")
-    start_services([executor])
-    runs = []
+    executors = {"executor": executor_service("127.0.0.1", base, plan.grace, "kill-executor")}
+    services = start_services(list(executors.values()))
+    runs, growth = [], []
     try:
+        health = executors["executor"].call("GET", "/health")[1].get("data") or {}
+        info["cgroups"] = health.get("cgroups")
+        methods = METHODS
+        if info["cgroups"]:
+            # A cgroup per case is the executor's default where it may create
+            # them; the /proc scan alone is what it does elsewhere: measure both.
+            executors["executor-scan"] = executor_service(
+                "127.0.0.1", base, plan.grace, "kill-executor-scan", ["--cgroups", "off"])
+            services += start_services([executors["executor-scan"]])
+            methods = METHODS + ("executor-scan",)
+        info["methods"] = list(methods)
         for topo in plan.topologies:
             for run in range(plan.runs):
-                for method in METHODS:      # interleaved, so drift hits every method alike
-                    r = kill_run(plan, base, executor, topo, method, run)
+                for method in methods:      # interleaved, so drift hits every method alike
+                    r = kill_run(plan, base, executors, topo, method, run)
                     runs.append(r)
-                    log(f"  {topo.key:<12} {method:<10} run {run + 1}: {r['processes']:>3} procs, "
+                    log(f"  {topo.key:<12} {method:<13} run {run + 1}: {r['processes']:>3} procs, "
                         f"{r['survivors']} left, zero after {fmt_ms(r['time_to_zero_ms'])}"
                         + (f" ERROR {r['error']}" if r["error"] else ""))
-        growth = []
         for n in plan.growth_trees:
             topo = Topology(f"tree-{n}", f"cooperative tree of {n}",
                             ["--children", str(n - 1), "--depth", "1"])
             for run in range(plan.growth_runs):
-                r = kill_run(plan, base, executor, topo, "executor", run)
-                r["size"] = n
-                growth.append(r)
-                log(f"  growth tree-{n} run {run + 1}: cancel {fmt_ms(r['stop_call_ms'])}, "
-                    f"zero after {fmt_ms(r['time_to_zero_ms'])}, {r['survivors']} left")
+                for method in [m for m in methods if m in EXECUTOR_METHODS]:
+                    r = kill_run(plan, base, executors, topo, method, run)
+                    r["size"] = n
+                    growth.append(r)
+                    log(f"  growth tree-{n} {method} run {run + 1}: cancel "
+                        f"{fmt_ms(r['stop_call_ms'])}, zero after "
+                        f"{fmt_ms(r['time_to_zero_ms'])}, {r['survivors']} left")
     finally:
-        executor.stop()
+        for s in services:
+            s.stop()
     return runs, growth
 
 
@@ -329,7 +347,7 @@ def summarize_kill(plan, runs):
     rows = []
     for topo in plan.topologies:
         row = {"topology": topo.key, "label": topo.label}
-        for method in METHODS:
+        for method in METHODS + ("executor-scan",):
             rs = [r for r in runs if r["topology"] == topo.key and r["method"] == method]
             if not rs:
                 continue
@@ -349,14 +367,17 @@ def summarize_kill(plan, runs):
 
 
 def kill_table(plan, rows):
-    header = ["topology", "processes"] + [METHOD_LABELS[m] for m in METHODS] + ["cancel call"]
+    methods = [m for m in METHODS + ("executor-scan",) if rows and m in rows[0]]
+    header = ["topology", "processes"] + [METHOD_LABELS[m] for m in methods]
     out = []
     for row in rows:
         cells = [f"{row['topology']} ({row['label']})", f"{row['processes']:.0f}"]
-        for m in METHODS:
+        for m in methods:
             s = row[m]
-            cells.append(f"{s['survivors_median']:.0f} left, {fmt_ms(s['time_to_zero_median_ms'])}")
-        cells.append(fmt_ms(row["executor"]["stop_call_median_ms"]))
+            cell = f"{s['survivors_median']:.0f} left, {fmt_ms(s['time_to_zero_median_ms'])}"
+            if m in EXECUTOR_METHODS:
+                cell += f" (call {fmt_ms(s['stop_call_median_ms'])})"
+            cells.append(cell)
         out.append(cells)
     return table(header, out)
 
@@ -721,11 +742,17 @@ def section_growth_tasks(plan, base):
 def growth_summary(plan, trees, tasks):
     tree_rows = []
     for n in plan.growth_trees:
-        rs = [r for r in trees if r["size"] == n]
-        tree_rows.append({"processes": n,
-                          "cancel_median_ms": median([r["stop_call_ms"] for r in rs]),
-                          "time_to_zero_median_ms": median([r["time_to_zero_ms"] for r in rs]),
-                          "survivors_max": max(r["survivors"] for r in rs)})
+        row = {"processes": n}
+        for method in EXECUTOR_METHODS:
+            rs = [r for r in trees if r["size"] == n and r["method"] == method]
+            if not rs:
+                continue
+            prefix = "" if method == "executor" else "scan_"
+            row.update({
+                prefix + "cancel_median_ms": median([r["stop_call_ms"] for r in rs]),
+                prefix + "time_to_zero_median_ms": median([r["time_to_zero_ms"] for r in rs]),
+                prefix + "survivors_max": max(r["survivors"] for r in rs)})
+        tree_rows.append(row)
     task_rows = []
     for n in plan.growth_tasks:
         rs = [r for r in tasks if r["size"] == n]
@@ -734,8 +761,12 @@ def growth_summary(plan, trees, tasks):
                           "errors": sum(1 for r in rs if r["error"]),
                           "pending_at_answer": sum(r["cancel_states"].get("PENDING", 0) for r in rs)})
     tb, ta = slope([(r["processes"], r["cancel_median_ms"]) for r in tree_rows])
+    sb, sa = slope([(r["processes"], r["scan_cancel_median_ms"]) for r in tree_rows
+                    if "scan_cancel_median_ms" in r])
     kb, ka = slope([(r["instances"], r["stop_median_ms"]) for r in task_rows])
     return {"trees": tree_rows, "tasks": task_rows,
+            "scan_tree_slope_ms_per_process": None if sb is None else round(sb, 3),
+            "scan_tree_intercept_ms": None if sa is None else round(sa, 1),
             "tree_slope_ms_per_process": None if tb is None else round(tb, 3),
             "tree_intercept_ms": None if ta is None else round(ta, 1),
             "task_slope_ms_per_instance": None if kb is None else round(kb, 3),
@@ -743,9 +774,19 @@ def growth_summary(plan, trees, tasks):
 
 
 def growth_tables(g):
-    t1 = table(["tree (cooperative)", "cancel call median", "zero survivors after", "survivors"],
-               [[f"{r['processes']} processes", fmt_ms(r["cancel_median_ms"]),
-                 fmt_ms(r["time_to_zero_median_ms"]), r["survivors_max"]] for r in g["trees"]])
+    scan = any("scan_cancel_median_ms" in r for r in g["trees"])
+    header = ["tree (cooperative)", "cancel call median", "zero survivors after", "survivors"]
+    if scan:
+        header += ["`--cgroups off`: cancel call", "zero survivors after", "survivors"]
+    rows = []
+    for r in g["trees"]:
+        row = [f"{r['processes']} processes", fmt_ms(r["cancel_median_ms"]),
+               fmt_ms(r["time_to_zero_median_ms"]), r["survivors_max"]]
+        if scan:
+            row += [fmt_ms(r.get("scan_cancel_median_ms")),
+                    fmt_ms(r.get("scan_time_to_zero_median_ms")), r.get("scan_survivors_max")]
+        rows.append(row)
+    t1 = table(header, rows)
     t2 = table(["task", "stop median", "max", "errors", "cancels pending at answer"],
                [[f"{r['instances']} instance(s)", fmt_ms(r["stop_median_ms"]),
                  fmt_ms(r["stop_max_ms"]), r["errors"], r["pending_at_answer"]]
@@ -757,34 +798,43 @@ def growth_tables(g):
 # targets and report
 # =============================================================================
 
+def scan_note(row):
+    s = row.get("executor-scan")
+    if not s:
+        return ""
+    return (f"; with `--cgroups off` {fmt_ms(s['time_to_zero_median_ms'])} (call "
+            f"{fmt_ms(s['stop_call_median_ms'])})")
+
+
 def targets(plan, kill_rows, api, scale, quick):
     out = []
 
     def add(name, met, evidence):
         out.append({"target": name, "met": met, "evidence": evidence})
 
-    bad = [(r["topology"], r["executor"]["survivors_max"], r["executor"]["marked_left_max"])
-           for r in kill_rows if r["executor"]["survivors_max"] or r["executor"]["never_runs"]
-           or r["executor"]["marked_left_max"]]
+    bad = [(r["topology"], m, r[m]["survivors_max"], r[m]["marked_left_max"])
+           for r in kill_rows for m in EXECUTOR_METHODS if m in r
+           and (r[m]["survivors_max"] or r[m]["never_runs"] or r[m]["marked_left_max"])]
     if kill_rows:
         add("zero survivors in every topology for the executor's cancel", not bad,
             f"every run of all {len(kill_rows)} topologies ended with 0 survivors (pid file) "
             f"and 0 processes left carrying the case's marker" if not bad
-            else f"(topology, survivors, marked processes left) {bad}")
+            else f"(topology, method, survivors, marked processes left) {bad}")
     wide = next((r for r in kill_rows if r["topology"] == "wide-200"), None)
     if wide:
         t = wide["executor"]["time_to_zero_median_ms"]
         add(f"{wide['processes']:.0f}-process cooperative tree gone in < 300 ms",
             t is not None and t < 300,
             f"zero survivors after {fmt_ms(t)} (median); cancel call "
-            f"{fmt_ms(wide['executor']['stop_call_median_ms'])}")
+            f"{fmt_ms(wide['executor']['stop_call_median_ms'])}" + scan_note(wide))
     ign = next((r for r in kill_rows if r["topology"] == "ignore-term"), None)
     if ign:
         t = ign["executor"]["time_to_zero_median_ms"]
         limit = plan.grace * 1000 + 300
         add(f"SIGTERM-ignoring tree ({ign['processes']:.0f} processes) gone in grace "
             f"({plan.grace:g} s) + < 300 ms", t is not None and t < limit,
-            f"zero survivors after {fmt_ms(t)} (median); grace + 300 ms = {fmt_ms(limit)}")
+            f"zero survivors after {fmt_ms(t)} (median); grace + 300 ms = {fmt_ms(limit)}"
+            + scan_note(ign))
     rows = api["rows"]
     worst = max(rows, key=lambda r: r["blackholed"]) if rows else None
     if worst and worst["blackholed"]:
@@ -859,6 +909,15 @@ def code_line(env):
     return text
 
 
+def cgroup_sentence(info):
+    if info.get("cgroups"):
+        return ("The executor ran each case in its own cgroup v2 here (it may create them: "
+                "root), so its cancel also uses `cgroup.kill`, and so do sections 2-4; the "
+                "`--cgroups off` column is the same executor with the /proc scan alone, as on a "
+                "machine where it may not create cgroups.")
+    return "The executor found no cgroup v2 it may write here: its cancel is the /proc scan alone."
+
+
 def render(plan, quick, env, kill_rows, api, scale, growth, target_list, elapsed):
     c_s, r_s = plan.ref_timeouts
     parts = [
@@ -879,8 +938,8 @@ def render(plan, quick, env, kill_rows, api, scale, growth, target_list, elapsed
         f"zombie counts while its parent is the stopper (the bench, or the executor) and has "
         f"not reaped it, a zombie reparented to init counts as gone. The baselines run "
         f"`fake_case.py` as the bench's own child in a new session; the executor's cancel is "
-        f"`POST /test-case-execution/cancel/{{taskId}}` on a real executor, whose wall time is "
-        f"the last column.",
+        f"`POST /test-case-execution/cancel/{{taskId}}` on a real executor (the call's wall "
+        f"time in parentheses). " + cgroup_sentence(env.get("kill_executor") or {}),
         "",
         kill_table(plan, kill_rows),
         "",
@@ -954,13 +1013,29 @@ def growth_sentence(g):
                 f"in size and x{rows[-1][ykey] / rows[0][ykey]:.1f} in time")
     if g["tree_slope_ms_per_process"] is None or g["task_slope_ms_per_instance"] is None:
         return "Slope: not enough sizes measured."
+    scan = ""
+    if g.get("scan_tree_slope_ms_per_process") is not None:
+        scan = (f" ({g['scan_tree_slope_ms_per_process']:.2f} ms per process + "
+                f"{g['scan_tree_intercept_ms']:.0f} ms with `--cgroups off`)")
     return (f"Slope (least squares over the medians): the executor's cancel of a cooperative "
             f"tree costs {g['tree_slope_ms_per_process']:.2f} ms per process + "
-            f"{g['tree_intercept_ms']:.0f} ms fixed"
+            f"{g['tree_intercept_ms']:.0f} ms fixed{scan}"
             f"{ratio(g['trees'], 'processes', 'cancel_median_ms')}; the stop of one task costs "
             f"{g['task_slope_ms_per_instance']:.2f} ms per instance + "
             f"{g['task_intercept_ms']:.0f} ms fixed"
-            f"{ratio(g['tasks'], 'instances', 'stop_median_ms')}. Both grow linearly, not worse.")
+            f"{ratio(g['tasks'], 'instances', 'stop_median_ms')}. "
+            f"{shape(g['trees'], 'processes', 'cancel_median_ms', 'The cancel')} "
+            f"{shape(g['tasks'], 'instances', 'stop_median_ms', 'The stop')}")
+
+
+def shape(rows, xkey, ykey, what):
+    """Whether time grows at most in proportion to size between the end points."""
+    if len(rows) < 2 or not rows[0][ykey] or rows[-1][ykey] is None:
+        return ""
+    size, time_ = rows[-1][xkey] / rows[0][xkey], rows[-1][ykey] / rows[0][ykey]
+    if time_ <= size * 1.2:
+        return f"{what} grows at most linearly with size (x{time_:.1f} for x{size:g})."
+    return f"{what} grows faster than size (x{time_:.1f} for x{size:g}): superlinear."
 
 
 # =============================================================================
@@ -1038,7 +1113,8 @@ def main(argv=None):
             p = plan if "kill" in sections else dataclasses.replace(plan, topologies=[])
             if "growth" not in sections:
                 p = dataclasses.replace(p, growth_trees=())
-            kill_runs, growth_trees = timed("kill", section_kill, p, base)
+            kill_info = raw["kill_executor"] = {}
+            kill_runs, growth_trees = timed("kill", section_kill, p, base, kill_info)
             raw["kill_runs"] = kill_runs
             kill_rows = summarize_kill(plan, kill_runs)
         if "api" in sections:
@@ -1059,6 +1135,7 @@ def main(argv=None):
                if raw["code_at_start"].get(k) != raw["code_at_end"].get(k)]
     env["code"] = raw["code_at_start"]
     env["code_changed_during_run"] = changed
+    env["kill_executor"] = raw.get("kill_executor")
     if changed:
         log(f"WARNING: {', '.join(changed)} changed during the run: services started after "
             f"the change ran the new code; run again for figures of one version")
