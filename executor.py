@@ -1061,15 +1061,15 @@ class Executor:
         cgroup = os.path.join(self.cgroups, task_id) if self.cgroups else None
         gate = os.pipe() if cgroup else None
         if cgroup:
-            # The shell waits on the gate until it is in the case's cgroup, then
-            # becomes the case (same pid): no process of the case runs outside it.
-            argv = ["/bin/sh", "-c", 'read _ <&3; exec 3<&-; exec "$@"', "case", *argv]
+            # The shell waits on the gate (its stdin) until it is in the case's
+            # cgroup, then becomes the case (same pid): no process of the case
+            # runs outside it.
+            argv = ["/bin/sh", "-c", 'read _; exec "$@" </dev/null', "case", *argv]
         try:
             with open(log_path, "ab") as out:
                 popen = subprocess.Popen(
-                    argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT, start_new_session=True,
-                    pass_fds=gate[:1] if gate else ())
+                    argv, cwd=work, env=env, stdin=gate[0] if gate else subprocess.DEVNULL,
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             popen.returncode = 0
             if cgroup:
                 try:

@@ -344,49 +344,58 @@ time.sleep(float(sys.argv[2]))
 
 
 @pytest.fixture
-def escape_cases(tmp_path):
+def run_escape(start_executor, tmp_path):
+    """run_escape(task_id, root_seconds) -> (executor, escapee identity): a case
+    whose grandchild leaves its tree, session and environment."""
     cases = tmp_path / "escape-cases"
     cases.mkdir()
     (cases / "escape.py").write_text(ESCAPE)
-    return cases
-
-
-def escaped_process(path, root_pid):
-    """The escapee's identity, once it is out of the case's tree, session and environment."""
-    pid = int(wait_until(lambda: os.path.exists(path) and open(path).read(), 10, 0.02,
-                         "the escapee"))
-    p = psutil.Process(pid)
-    wait_until(lambda: p.name() == "sleep" and p.ppid() != root_pid, 5, 0.02,
-               "the escapee to be orphaned and exec sleep")
-    assert "CASE_EXEC_RUN" not in p.environ() and os.getsid(pid) != root_pid
-    return (pid, p.create_time())
-
-
-def test_a_process_that_escapes_session_tree_and_environment_is_still_ended(
-        start_executor, escape_cases, tmp_path):
-    ex = start_executor(cases_dir=escape_cases)
+    ex = start_executor(cases_dir=cases)
     if not ex.cgroups:
         pytest.skip("no writable cgroup v2 here: such an escapee is out of reach (README)")
-    marker = str(tmp_path / "escapee")
-    code, body = ex.call("POST", "/test-case-execution/execute",
-                         {"taskId": "escape-1", "script": "escape.py", "args": [marker, "300"]})
-    assert code == 200
-    escapee = escaped_process(marker, body["data"]["pid"])
+
+    def run(task_id, root_seconds):
+        marker = str(tmp_path / f"{task_id}.pid")
+        code, body = ex.call("POST", "/test-case-execution/execute", {
+            "taskId": task_id, "script": "escape.py", "args": [marker, str(root_seconds)]})
+        assert code == 200
+        root_pid = body["data"]["pid"]
+        pid = int(wait_until(lambda: os.path.exists(marker) and open(marker).read(), 10, 0.02,
+                             "the escapee"))
+        p = psutil.Process(pid)
+        wait_until(lambda: p.name() == "sleep" and p.ppid() != root_pid, 5, 0.02,
+                   "the escapee to be orphaned and exec sleep")
+        assert "CASE_EXEC_RUN" not in p.environ() and os.getsid(pid) != root_pid
+        return ex, (pid, p.create_time())
+    return run
+
+
+def test_a_process_that_escapes_session_tree_and_environment_is_still_ended(run_escape):
+    ex, escapee = run_escape("escape-1", 300)
     code, body = cancel(ex, "escape-1")
     assert code == 200 and body["data"]["survivors"] == 0
     assert_all_gone([escapee])
     assert not os.path.exists(os.path.join(ex.cgroups, "escape-1"))
 
 
-def test_an_escapee_left_behind_by_a_finished_case_is_ended(
-        start_executor, escape_cases, tmp_path):
-    ex = start_executor(cases_dir=escape_cases)
-    if not ex.cgroups:
-        pytest.skip("no writable cgroup v2 here: such an escapee is out of reach (README)")
-    marker = str(tmp_path / "escapee")
-    code, body = ex.call("POST", "/test-case-execution/execute",
-                         {"taskId": "escape-2", "script": "escape.py", "args": [marker, "0.5"]})
-    escapee = escaped_process(marker, body["data"]["pid"])
+def test_an_escapee_left_behind_by_a_finished_case_is_ended(run_escape):
+    ex, escapee = run_escape("escape-2", 0.5)
     wait_until(lambda: status(ex, "escape-2")["status"] == "SUCCESS", 15, message="case end")
     assert "leftover" in status(ex, "escape-2")["note"]
     wait_gone([escapee], 5)
+
+
+def test_a_case_runs_inside_its_cgroup_from_its_first_instruction(start_executor, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "where.py").write_text(
+        "import sys\nopen(sys.argv[1], 'w').write(open('/proc/self/cgroup').read())\n")
+    ex = start_executor(cases_dir=cases)
+    if not ex.cgroups:
+        pytest.skip("no writable cgroup v2 here")
+    out = tmp_path / "cgroup.txt"
+    assert ex.call("POST", "/test-case-execution/execute",
+                   {"taskId": "where-1", "script": "where.py", "args": [str(out)]})[0] == 200
+    text = wait_until(lambda: out.exists() and out.read_text(), 10, 0.02, "the case's cgroup")
+    own = next(line for line in text.splitlines() if line.startswith("0::"))
+    assert own.endswith(f"/case-executor-{ex.port}/where-1"), own

@@ -149,7 +149,7 @@ def test_log_lines_of_one_stop_name_what_they_concern(start_executor, start_coll
               if line.startswith("{")]
     assert events and all({"time", "level", "logger", "message"} <= set(e) for e in events)
     mine = [e["message"] for e in events if e.get("task") == str(task["id"])]
-    expect = [f"stop requested by dora (reason: lunch)", "status -> STOPPED",
+    expect = ["stop requested by dora (reason: lunch)", "status -> STOPPED",
               f"instance={inst['id']} execution={inst['executionTaskId']}",
               "cancel attempt 1: DELIVERED in", "stop complete"]
     for words in expect:
