@@ -77,6 +77,7 @@ class ExecutorConfig:
     log_max_bytes: int = 10 * 1024 * 1024     # per case log; one older copy is kept
     log_retention_days: float = 7.0
     cgroups: str = "auto"       # auto: a cgroup per case when the executor may create them
+    max_grace_seconds: float = 60.0     # the most an execution may ask for as its grace
 
 
 ###############################################################################
@@ -258,6 +259,49 @@ def check_report_url(url):
     if not ok:
         raise BadRequest("'reportUrl' must be an http://host:port/path URL")
     return url
+
+
+def seconds(value, name, maximum, zero_ok=False):
+    """An optional number of seconds, positive (or zero) and at most maximum."""
+    if value is None:
+        return None
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not (0 <= value if zero_ok else 0 < value) or value > maximum):
+        raise BadRequest(f"'{name}' must be a number of seconds up to {maximum:g}")
+    return float(value)
+
+
+def check_steps(body, prefix=""):
+    """An execution's steps: `steps` [{script, args, group, always, timeoutSeconds}],
+    or the `script`/`args` shorthand for one step."""
+    if "steps" in body:
+        if "script" in body:
+            raise BadRequest(f"give '{prefix}steps' or '{prefix}script', not both")
+        steps = body["steps"]
+        if not isinstance(steps, list) or not 1 <= len(steps) <= 50:
+            raise BadRequest(f"'{prefix}steps' must be a list of 1 to 50 steps")
+    else:
+        steps = [{"script": body.get("script"), "args": body.get("args", [])}]
+    out = []
+    for i, step in enumerate(steps):
+        where = f"{prefix}steps[{i}]" if "steps" in body else prefix.rstrip(".") or "case"
+        if not isinstance(step, dict):
+            raise BadRequest(f"'{where}' must be an object with 'script'")
+        name = f"{where}.script" if "steps" in body else f"{prefix}script"
+        group = step.get("group")
+        if group is not None and (not isinstance(group, str) or not 0 < len(group) <= 64):
+            raise BadRequest(f"'{where}.group' must be a string of 1 to 64 characters")
+        if not isinstance(step.get("always", False), bool):
+            raise BadRequest(f"'{where}.always' must be true or false")
+        out.append({"script": check_script(step.get("script"), name),
+                    "args": string_list(step.get("args", []),
+                                        f"{where}.args" if "steps" in body else f"{prefix}args"),
+                    "group": group, "always": step.get("always", False),
+                    "timeoutSeconds": seconds(step.get("timeoutSeconds"),
+                                              f"{where}.timeoutSeconds", 86400)})
+        if out[-1]["timeoutSeconds"] is None:
+            del out[-1]["timeoutSeconds"]
+    return out
 
 
 def check_task_id(task_id, name="taskId"):
@@ -908,34 +952,86 @@ def cap_log(path, max_bytes):
         pass
 
 
-RUNNING, CANCELLING, CANCELLED, SUCCESS, FAILED = (
-    "RUNNING", "CANCELLING", "CANCELLED", "SUCCESS", "FAILED")
-FINAL = (CANCELLED, SUCCESS, FAILED)
-# The only moves an execution's status may make. CANCELLING stays put when a
-# tree could not be ended completely, so a later cancel tries again.
-MOVES = {RUNNING: (CANCELLING, SUCCESS, FAILED), CANCELLING: (CANCELLED,)}
+RUNNING, CANCELLING, CANCELLED, SUCCESS, FAILED, TIMEOUT = (
+    "RUNNING", "CANCELLING", "CANCELLED", "SUCCESS", "FAILED", "TIMEOUT")
+FINAL = (CANCELLED, SUCCESS, FAILED, TIMEOUT)
+# The only moves an execution's status may make. CANCELLING lasts while the
+# cleanup steps run, and stays put when a tree could not be ended completely,
+# so that a later cancel tries again.
+MOVES = {RUNNING: (CANCELLING, SUCCESS, FAILED, TIMEOUT), CANCELLING: (CANCELLED,)}
+# A step: PENDING, then RUNNING, then one of SUCCESS FAILED TIMEOUT CANCELLED;
+# or SKIPPED when it never started (an earlier step failed, or a cancel).
+STEP_DONE = (SUCCESS, FAILED, TIMEOUT, CANCELLED, "SKIPPED")
+CLEANUP_TIMEOUT = 60.0
+
+
+def make_steps(steps):
+    """Step specs as the executor keeps them: every field present, state PENDING."""
+    return [{"index": i, "script": s["script"], "args": s.get("args", []),
+             "group": s.get("group"), "always": bool(s.get("always")),
+             "timeoutSeconds": s.get("timeoutSeconds",
+                                     CLEANUP_TIMEOUT if s.get("always") else None),
+             "state": "PENDING", "pid": None, "createTime": None, "cgroup": None,
+             "exitCode": None, "startedAt": None, "endedAt": None, "note": None}
+            for i, s in enumerate(steps)]
+
+
+def stages(steps):
+    """Steps in the order they run: consecutive steps of one group side by side;
+    the normal steps first, then those marked always."""
+    out = []
+    for always in (False, True):
+        for step in (s for s in steps if s["always"] == always):
+            last = out[-1] if out else None
+            if (last and step["group"] is not None and last[0]["group"] == step["group"]
+                    and last[0]["always"] == always):
+                last.append(step)
+            else:
+                out.append([step])
+    return out
+
+
+class Unit:
+    """One step's running process tree: its root and what finds its processes."""
+
+    def __init__(self, step, marker, pid, create_time, cgroup, child=True):
+        self.step = step            # the step's dict, shared with the execution
+        self.marker = marker
+        self.pid = pid
+        self.create_time = create_time
+        self.cgroup = cgroup        # its own cgroup v2 directory, when there is one
+        self.child = child          # False when adopted after an executor restart
+        self.exit_code = None       # set by the reaper; unknown for adopted roots
+        self.exited = False
+        self.deadline = None
+        self.known = {}
+
+    def find(self):
+        return case_finder(self.marker, self.pid, self.create_time, self.known, self.cgroup)
 
 
 class Execution:
-    """In-memory side of one running case: its root and what stops it."""
+    """In-memory side of one execution: its steps, what runs now, and whether
+    it has been told to stop. `lock` guards cancelled/phase/units, so that a
+    cancel and the start of the next step can never cross."""
 
-    def __init__(self, task_id, run_marker, root_pid, root_create_time, child=True,
-                 cgroup=None):
+    def __init__(self, task_id, steps, grace, max_runtime, started_at):
         self.task_id = task_id
-        self.cgroup = cgroup        # its own cgroup v2 directory, when there is one
-        self.run_marker = run_marker
-        self.root_pid = root_pid
-        self.root_create_time = root_create_time
-        self.child = child          # False when adopted after an executor restart
-        self.exit_code = None       # set by the reaper; unknown for adopted roots
-        self.root_gone = False
-        self.known = {}
+        self.steps = steps
+        self.grace = grace
+        self.deadline = started_at + max_runtime if max_runtime else None   # time.time()
+        self.lock = threading.Lock()
+        self.phase = "normal"       # normal -> cleanup -> done
+        self.cancelled = None       # None, CANCELLED or TIMEOUT: no further normal step
+        self.cleanup_cancelled = False
+        self.units = {}             # step index -> Unit, while it runs
+        self.wake = threading.Event()
         self.stop_lock = threading.Lock()
         self.last_stop = None
+        self.phase_changed = threading.Condition(self.lock)
 
-    def find(self):
-        return case_finder(self.run_marker, self.root_pid, self.root_create_time, self.known,
-                           self.cgroup)
+    def running_units(self):
+        return list(self.units.values())
 
 
 class Executor:
@@ -947,7 +1043,7 @@ class Executor:
         self.cases_dir = os.path.realpath(config.cases_dir)
         self.lock = threading.RLock()
         self.running = {}           # taskId -> Execution
-        self.by_pid = {}            # root pid -> Execution, for the reaper
+        self.by_pid = {}            # step root pid -> (Execution, Unit), for the reaper
         self.tombstones = {}        # taskId -> expiry, cancelled before it was executed
         self.metrics = self.declare_metrics()
         self.cgroups = (cgroup_base(f"case-executor-{config.port}")
@@ -970,7 +1066,7 @@ class Executor:
         m.declare("termination_failures_total", "counter",
                   "Case processes still alive after SIGKILL (survivors).")
         m.declare("tree_stop_seconds", "histogram",
-                  "Time to end a case's process tree, by reason: cancel or leftovers.")
+                  "Time to end a case's process trees, by reason: cancel, timeout, leftovers.")
         m.declare("reports_total", "counter", "Outcome reports to the collector, by outcome.")
         m.declare("running_cases", "gauge", "Executions currently running or being cancelled.",
                   gauge=lambda: len(self.running))
@@ -1011,62 +1107,75 @@ class Executor:
             raise BadRequest(f"script '{script}' not found in the cases directory")
         return path
 
-    def execute(self, task_id, script, args, report_url=None):
-        path = self.resolve_script(script)
+    def execute(self, task_id, steps, report_url=None, grace=None, max_runtime=None):
+        """Register the execution and start its first steps; the rest is the runner's."""
+        for step in steps:
+            self.resolve_script(step["script"])
         now = time.time()
+        grace = self.config.grace_seconds if grace is None else grace
+        steps = make_steps(steps)
         with self.lock:
             self.forget_expired_tombstones()
             if task_id in self.tombstones:
                 raise Conflict(f"task {task_id} was cancelled before it started",
                                {"taskId": task_id})
-            log_path = self.log_path(task_id)
-            run_marker = uuid.uuid4().hex
             try:
                 with self.db.transaction() as c:
                     c.execute(
                         "INSERT INTO execution (task_id, run_marker, script, args, status,"
-                        " log_path, report_url, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (task_id, run_marker, script, json.dumps(args), RUNNING, log_path,
-                         report_url, now))
+                        " log_path, report_url, created_at, steps, grace_seconds,"
+                        " max_runtime_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (task_id, uuid.uuid4().hex, steps[0]["script"],
+                         json.dumps(steps[0]["args"]), RUNNING, self.log_path(task_id, 0),
+                         report_url, now, json.dumps(steps), grace, max_runtime))
             except sqlite3.IntegrityError:
                 raise Conflict(f"task {task_id} already exists", {"taskId": task_id})
-            try:
-                pid, cgroup = self.spawn(task_id, run_marker, path, args, log_path)
-                ctime = read_proc(pid).create_time
-            except Exception:
-                self.db.run("DELETE FROM execution WHERE task_id = ?", (task_id,))
-                raise internal_error("execute", self.metrics, f"could not start {script}")
-            self.db.run("UPDATE execution SET root_pid = ?, root_create_time = ?, cgroup = ?"
-                        " WHERE task_id = ?", (pid, ctime, cgroup, task_id))
-            ex = Execution(task_id, run_marker, pid, ctime, cgroup=cgroup)
+            ex = Execution(task_id, steps, grace, max_runtime, now)
             self.running[task_id] = ex
-            self.by_pid[pid] = ex
+            try:
+                first = self.start_stage(ex, stages(steps)[0])
+            except Exception:
+                self.running.pop(task_id, None)
+                self.db.run("DELETE FROM execution WHERE task_id = ?", (task_id,))
+                raise internal_error("execute", self.metrics, f"could not start {task_id}")
+            self.db.run("UPDATE execution SET root_pid = ?, root_create_time = ?, cgroup = ?"
+                        " WHERE task_id = ?", (first.pid, first.create_time,
+                                               first.cgroup, task_id))
+        self.in_thread(self.run_steps, ex)
+        return {"taskId": task_id, "pid": first.pid}
+
+    def start_stage(self, ex, stage):
+        """Start the steps of one stage; the caller holds self.lock or ex.lock."""
+        units = []
+        for step in stage:
+            unit = self.spawn(ex, step)
+            units.append(unit)
+        self.save_steps(ex)
         self.child_started.set()
-        log.info("task=%s started pid=%s script=%s args=%s", task_id, pid, script, args)
-        return {"taskId": task_id, "pid": pid}
+        return units[0]
 
-    def spawn(self, task_id, run_marker, path, args, log_path):
-        """Start the case in its own session, output to its log, marked by the environment.
-
-        Returns the pid. The reaper owns every child's exit status, adopted
-        orphans included, so the Popen is told it is done: it must never
+    def spawn(self, ex, step):
+        """Start one step in its own session (and cgroup), output to its own log,
+        marked by the environment. The reaper owns every child's exit status,
+        adopted orphans included, so the Popen is told it is done: it must never
         waitpid() a pid that may by then belong to another case."""
+        task_id, i = ex.task_id, step["index"]
         work = os.path.join(self.config.work_dir, task_id)
         os.makedirs(work, exist_ok=True)
+        marker = uuid.uuid4().hex
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENVS}
-        env["PYTHONUNBUFFERED"] = "1"
+        env.update(PYTHONUNBUFFERED="1", CASE_EXEC_STEP=str(i))
         env[MARKER_ENV] = task_id
-        env[RUN_MARKER_ENV] = run_marker
-        argv = [sys.executable, path, *args]
-        cgroup = os.path.join(self.cgroups, task_id) if self.cgroups else None
+        env[RUN_MARKER_ENV] = marker
+        argv = [sys.executable, self.resolve_script(step["script"]), *step["args"]]
+        cgroup = os.path.join(self.cgroups, task_id, f"step-{i}") if self.cgroups else None
         gate = os.pipe() if cgroup else None
         if cgroup:
-            # The shell waits on the gate (its stdin) until it is in the case's
-            # cgroup, then becomes the case (same pid): no process of the case
-            # runs outside it.
+            # The shell waits on the gate (its stdin) until it is in the step's
+            # cgroup, then becomes the step (same pid): nothing runs outside it.
             argv = ["/bin/sh", "-c", 'read _; exec "$@" </dev/null', "case", *argv]
         try:
-            with open(log_path, "ab") as out:
+            with open(self.log_path(task_id, i), "ab") as out:
                 popen = subprocess.Popen(
                     argv, cwd=work, env=env, stdin=gate[0] if gate else subprocess.DEVNULL,
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -1077,19 +1186,156 @@ class Executor:
                     with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
                         f.write(str(popen.pid))
                 except OSError as e:
-                    log.warning("task=%s runs without its own cgroup: %s", task_id, e)
+                    log.warning("task=%s step=%s runs without its own cgroup: %s", task_id, i, e)
                     cgroup = None
         finally:
             if gate:
                 os.write(gate[1], b"go\n")
                 os.close(gate[0])
                 os.close(gate[1])
-        return popen.pid, cgroup
+        unit = Unit(step, marker, popen.pid, read_proc(popen.pid).create_time, cgroup)
+        if step["timeoutSeconds"]:
+            unit.deadline = time.time() + step["timeoutSeconds"]
+        step.update(state=RUNNING, pid=unit.pid, createTime=unit.create_time, cgroup=cgroup,
+                    marker=marker, startedAt=time.time())
+        ex.units[i] = unit
+        with self.lock:
+            self.by_pid[unit.pid] = (ex, unit)
+        log.info("task=%s step=%s started pid=%s script=%s args=%s", task_id, i, unit.pid,
+                 step["script"], step["args"])
+        return unit
+
+    def save_steps(self, ex):
+        self.db.run("UPDATE execution SET steps = ? WHERE task_id = ?",
+                    (json.dumps(ex.steps), ex.task_id))
+
+    # -- the runner: steps in order, cleanup always, time limits -----------------
+
+    def run_steps(self, ex):
+        """Run the stages one after another, then the cleanup stages, then finish.
+        Whether the next stage may start is decided under ex.lock, where a
+        cancel marks the execution: no step can start after a cancel."""
+        for stage in stages(ex.steps):
+            cleanup = stage[0]["always"]
+            with ex.lock:
+                if cleanup and ex.phase == "normal":
+                    ex.phase = "cleanup"
+                    ex.phase_changed.notify_all()
+                todo = [s for s in stage if s["state"] == "PENDING"]
+                stopped = ex.cleanup_cancelled if cleanup else (
+                    ex.cancelled or self.normal_failed(ex))
+                if stopped:
+                    for s in todo:
+                        s.update(state="SKIPPED")
+                    self.save_steps(ex)
+                elif todo:
+                    self.start_stage(ex, todo)
+            self.wait_stage(ex, cleanup)
+        self.finish(ex)
+
+    def normal_failed(self, ex):
+        return any(s["state"] in (FAILED, TIMEOUT) for s in ex.steps if not s["always"])
+
+    def wait_stage(self, ex, cleanup):
+        """Until every running step of the stage has ended: record each exit, end
+        what a step left behind, and end steps that outrun their time limit."""
+        while True:
+            with ex.lock:
+                units = ex.running_units()
+            if not units:
+                return
+            now = time.time()
+            for unit in units:
+                if not unit.child and not unit.exited and not same_process(
+                        read_proc(unit.pid), unit.pid, unit.create_time):
+                    unit.exited = True      # adopted: gone, exit status unknown
+                if unit.exited:
+                    self.step_exited(ex, unit)
+                elif unit.deadline and now >= unit.deadline:
+                    unit.deadline = None
+                    log.warning("task=%s step=%s ran past its timeoutSeconds",
+                                ex.task_id, unit.step["index"])
+                    self.stop_units(ex, [unit], "timeout", TIMEOUT)
+            if not cleanup and ex.deadline and now >= ex.deadline and ex.cancelled is None:
+                with ex.lock:
+                    ex.cancelled = TIMEOUT
+                    units = [u for u in ex.running_units() if not u.step["always"]]
+                log.warning("task=%s ran past maxRuntimeSeconds", ex.task_id)
+                self.stop_units(ex, units, "timeout", TIMEOUT)
+            ex.wake.wait(0.2)
+            ex.wake.clear()
+
+    def step_exited(self, ex, unit):
+        """A step's root ended: end what it left behind, then record the step."""
+        step = unit.step
+        with ex.stop_lock:
+            if unit.step["index"] not in ex.units:
+                return
+            note = step["note"]
+            if step["state"] == RUNNING and not self.config.keep_leftovers:
+                result = self.end_tree(ex, [unit], "leftovers")
+                if result.signalled:
+                    note = f"ended {result.signalled} leftover process(es)"
+                    log.warning("task=%s step=%s exited but left processes behind: %s",
+                                ex.task_id, step["index"], result.as_dict())
+            code = unit.exit_code
+            if step["state"] == RUNNING:
+                if not unit.child and code is None:
+                    state = FAILED
+                    note = "ended after an executor restart; its exit code is unknown"
+                else:
+                    state = SUCCESS if code == 0 else FAILED
+                step.update(state=state)
+            step.update(exitCode=code, endedAt=time.time(), note=note)
+            with ex.lock:
+                del ex.units[step["index"]]
+            with self.lock:
+                self.by_pid.pop(unit.pid, None)
+            self.save_steps(ex)
+        log.info("task=%s step=%s ended %s exit=%s", ex.task_id, step["index"], step["state"],
+                 code)
+
+    def finish(self, ex):
+        """All stages done: the execution's outcome, reported to the collector."""
+        steps = ex.steps
+        normal = [s for s in steps if not s["always"]]
+        if ex.cancelled == CANCELLED:
+            to = CANCELLED
+        elif ex.cancelled == TIMEOUT or any(s["state"] == TIMEOUT for s in normal):
+            to = TIMEOUT
+        elif all(s["state"] == SUCCESS for s in steps):
+            to = SUCCESS
+        else:
+            to = FAILED
+        ended = [s for s in normal if s["state"] in (SUCCESS, FAILED, TIMEOUT, CANCELLED)]
+        code = ended[-1]["exitCode"] if ended else None
+        notes = [f"step {s['index']}: {s['note']}" if len(steps) > 1 else s["note"]
+                 for s in steps if s["note"]]
+        if any(s["always"] and s["state"] != SUCCESS for s in steps):
+            notes.append("cleanup " + ", ".join(f"step {s['index']} {s['state']}"
+                                                 for s in steps if s["always"]))
+        if self.cgroups:
+            cgroup_remove(os.path.join(self.cgroups, ex.task_id))
+        with self.db.transaction() as c:
+            c.execute("UPDATE execution SET steps = ? WHERE task_id = ?",
+                      (json.dumps(steps), ex.task_id))
+            moved = self.move(c, ex.task_id, to, exit_code=code, finished_at=time.time(),
+                              note="; ".join(notes) or None)
+            if moved:
+                self.queue_report(c, ex.task_id)
+        if moved:
+            log.info("task=%s finished %s exit=%s", ex.task_id, to, code)
+            self.forget(ex)
+        with ex.lock:       # only now: a cancel waiting on this sees a final status
+            ex.phase = "done"
+            ex.phase_changed.notify_all()
 
     # -- cancel ----------------------------------------------------------------
 
     def cancel(self, task_id):
-        """The design's cancel: end the whole tree; 404 when unknown or finished."""
+        """The design's cancel: end every running step's tree under one grace, start
+        no further normal step, let the cleanup steps run. A cancel while only the
+        cleanup runs ends the cleanup. 404 when unknown or finished."""
         with self.lock:     # execute inserts and registers under this lock: no late execute
             row = self.db.one("SELECT status FROM execution WHERE task_id = ?", (task_id,))
             ex = self.running.get(task_id)
@@ -1099,17 +1345,36 @@ class Executor:
             self.metrics.inc("cancel_requests_total", outcome="not_found")
             raise NotFound("task not found or already finished", {"taskId": task_id})
         log.info("task=%s cancel requested", task_id)
+        with ex.lock:
+            phase = ex.phase
+            if phase == "done":
+                units = "done"
+            elif phase == "normal" and ex.cancelled is None:
+                ex.cancelled = CANCELLED
+                units = [u for u in ex.running_units() if not u.step["always"]]
+            elif phase == "cleanup" and not ex.cleanup_cancelled:
+                ex.cleanup_cancelled = True
+                units = ex.running_units()
+            else:
+                units = None        # a cancel of this phase is already under way
+        if units == "done":
+            self.metrics.inc("cancel_requests_total", outcome="not_found")
+            raise NotFound("task not found or already finished", {"taskId": task_id})
         with self.db.transaction() as c:
             self.move(c, task_id, CANCELLING)
-        with ex.stop_lock:
-            status = self.db.one("SELECT status FROM execution WHERE task_id = ?",
-                                 (task_id,))["status"]
-            if status == CANCELLED and ex.last_stop is not None:
-                result = ex.last_stop   # a concurrent cancel already did it
-            else:
-                result = ex.last_stop = self.end_tree(ex, "cancel")
-                self.record_cancel(ex, result)
+        if units is None:
+            with ex.lock:
+                ex.phase_changed.wait_for(lambda: ex.phase != phase or ex.last_stop, 60)
+            result = ex.last_stop or StopResult()
+        else:
+            result = self.stop_units(ex, units, "cancel", CANCELLED)
+            ex.last_stop = result
+            if not result.survivors:
+                with ex.lock:     # answer once the cancelled phase is over
+                    ex.phase_changed.wait_for(lambda: ex.phase != phase, ex.grace + 10)
         data = dict(result.as_dict(), taskId=task_id)
+        self.db.run("UPDATE execution SET stop_result = ? WHERE task_id = ?",
+                    (json.dumps(result.as_dict()), task_id))
         if result.survivors:
             self.metrics.inc("cancel_requests_total", outcome="incomplete")
             raise InternalError(f"cancel incomplete: {len(result.survivors)} process(es) survived",
@@ -1117,12 +1382,31 @@ class Executor:
         self.metrics.inc("cancel_requests_total", outcome="cancelled")
         return data
 
-    def end_tree(self, ex, reason):
-        """stop_tree on one case, logged and counted."""
-        kill_all = (lambda: cgroup_kill(ex.cgroup)) if ex.cgroup else None
-        result = stop_tree(ex.find(), self.config.grace_seconds, kill_all=kill_all)
-        if ex.cgroup and not result.survivors:
-            cgroup_remove(ex.cgroup)
+    def stop_units(self, ex, units, reason, state):
+        """End some steps' trees under one grace; they are recorded as `state`."""
+        for unit in units:
+            if unit.step["state"] == RUNNING:
+                unit.step["state"] = state
+        with ex.stop_lock:
+            result = self.end_tree(ex, units, reason)
+        ex.wake.set()
+        return result
+
+    def end_tree(self, ex, units, reason):
+        """stop_tree over the trees of some steps at once, logged and counted."""
+        finders = [u.find() for u in units]
+        cgroups = [u.cgroup for u in units if u.cgroup]
+
+        def find():
+            return [p for f in finders for p in f()]
+
+        def kill_all():
+            for cg in cgroups:
+                cgroup_kill(cg)
+        result = stop_tree(find, ex.grace, kill_all=kill_all if cgroups else None)
+        if not result.survivors:
+            for cg in cgroups:
+                cgroup_remove(cg)
         m = self.metrics
         m.inc("processes_terminated_total", result.terminated)
         m.inc("processes_killed_total", result.killed - len(result.survivors))
@@ -1134,17 +1418,6 @@ class Executor:
         if result.survivors:
             log.error("task=%s could not end pids %s", ex.task_id, result.survivors)
         return result
-
-    def record_cancel(self, ex, result):
-        with self.db.transaction() as c:
-            c.execute("UPDATE execution SET stop_result = ? WHERE task_id = ?",
-                      (json.dumps(result.as_dict()), ex.task_id))
-            if not result.survivors and self.move(c, ex.task_id, CANCELLED,
-                                                  finished_at=time.time(),
-                                                  exit_code=ex.exit_code):
-                self.queue_report(c, ex.task_id)
-        if not result.survivors:
-            self.forget(ex)
 
     def move(self, conn, task_id, to, **fields):
         """The one place an execution's status changes."""
@@ -1163,13 +1436,11 @@ class Executor:
     def forget(self, ex):
         with self.lock:
             self.running.pop(ex.task_id, None)
-            if self.by_pid.get(ex.root_pid) is ex:
-                del self.by_pid[ex.root_pid]
 
-    # -- cases that end on their own --------------------------------------------
+    # -- exits -----------------------------------------------------------------
 
     def reap_forever(self):
-        """Collect the exit status of every child, case roots and adopted orphans alike."""
+        """Collect the exit status of every child, step roots and adopted orphans alike."""
         while not self.stopping.is_set():
             try:
                 pid, status = os.waitpid(-1, 0)
@@ -1178,69 +1449,55 @@ class Executor:
                 self.child_started.clear()
                 continue
             with self.lock:
-                ex = self.by_pid.get(pid)
-                if ex is not None:
-                    ex.exit_code = os.waitstatus_to_exitcode(status)
+                ex, unit = self.by_pid.get(pid, (None, None))
+                if unit is not None:
+                    unit.exit_code = os.waitstatus_to_exitcode(status)
+                    unit.exited = True
             if ex is not None:
-                self.in_thread(self.root_exited, ex)
+                ex.wake.set()
 
     def watch_forever(self):
-        """Poll adopted roots (not our children: no exit status arrives for them),
-        keep case logs within their size, and now and then remove old logs."""
+        """Keep case logs within their size, and now and then remove old logs."""
         last_prune = time.monotonic()
         while not self.stopping.wait(0.5):
             with self.lock:
                 running = list(self.running.values())
             for ex in running:
-                if not ex.child and not ex.root_gone and not same_process(
-                        read_proc(ex.root_pid), ex.root_pid, ex.root_create_time):
-                    ex.root_gone = True
-                    self.in_thread(self.root_exited, ex)
-                cap_log(self.log_path(ex.task_id), self.config.log_max_bytes)
+                for step in ex.steps:
+                    if step["state"] == RUNNING:
+                        cap_log(self.log_path(ex.task_id, step["index"]),
+                                self.config.log_max_bytes)
             if time.monotonic() - last_prune > 600:
                 self.prune_logs()
                 last_prune = time.monotonic()
 
-    def root_exited(self, ex):
-        """The script ended by itself: end what it left behind, then record its outcome."""
-        code = ex.exit_code
-        with ex.stop_lock:
-            row = self.db.one("SELECT status FROM execution WHERE task_id = ?", (ex.task_id,))
-            if row is None or row["status"] != RUNNING:
-                return      # a cancel owns this execution
-            note = None
-            if not self.config.keep_leftovers:
-                result = self.end_tree(ex, "leftovers")
-                if result.signalled:
-                    note = f"ended {result.signalled} leftover process(es)"
-                    log.warning("task=%s script exited but left processes behind: %s",
-                                ex.task_id, result.as_dict())
-            if code is None:
-                to, note = FAILED, "ended after an executor restart; its exit code is unknown"
-            else:
-                to = SUCCESS if code == 0 else FAILED
-            with self.db.transaction() as c:
-                moved = self.move(c, ex.task_id, to, exit_code=code, finished_at=time.time(),
-                                  note=note)
-                if moved:
-                    self.queue_report(c, ex.task_id)
-            if moved:
-                log.info("task=%s finished by itself: exit=%s", ex.task_id, code)
-                self.forget(ex)
-
     # -- registry after a restart -------------------------------------------------
 
     def adopt_survivors(self):
-        """Reload unfinished executions; their processes kept running while we were down."""
+        """Reload unfinished executions and go on with them: their steps kept
+        running while we were down (exit statuses of those are lost)."""
         for row in self.db.all("SELECT * FROM execution WHERE status IN (?, ?)",
                                (RUNNING, CANCELLING)):
-            ex = Execution(row["task_id"], row["run_marker"], row["root_pid"],
-                           row["root_create_time"], child=False, cgroup=row["cgroup"])
+            steps = json.loads(row["steps"])
+            ex = Execution(row["task_id"], steps, row["grace_seconds"],
+                           row["max_runtime_seconds"], row["created_at"])
+            if row["status"] == CANCELLING:
+                ex.cancelled = CANCELLED
+            for step in steps:
+                if step["state"] in (RUNNING, CANCELLED, TIMEOUT) and step["pid"] \
+                        and step["endedAt"] is None:
+                    unit = Unit(step, step["marker"], step["pid"], step["createTime"],
+                                step["cgroup"], child=False)
+                    if step["timeoutSeconds"]:
+                        unit.deadline = step["startedAt"] + step["timeoutSeconds"]
+                    ex.units[step["index"]] = unit
+            if any(s["always"] and s["state"] != "PENDING" for s in steps):
+                ex.phase = "cleanup"
             with self.lock:
                 self.running[ex.task_id] = ex
-                self.by_pid[ex.root_pid] = ex
-            log.info("task=%s adopted root pid=%s status=%s",
-                     ex.task_id, ex.root_pid, row["status"])
+            log.info("task=%s adopted root pid=%s status=%s steps running=%s", ex.task_id,
+                     row["root_pid"], row["status"], sorted(ex.units))
+            self.in_thread(self.run_steps, ex)
 
     # -- reports to the collector -------------------------------------------------
 
@@ -1253,8 +1510,8 @@ class Executor:
         """Deliver outcomes to the collector, retrying with capped backoff until it answers."""
         next_try = {}
         while not self.stopping.is_set():
-            rows = self.db.all("SELECT task_id, status, exit_code, note, report_url, "
-                               "report_attempts FROM execution WHERE report_state = 'PENDING'")
+            rows = self.db.all("SELECT task_id, status, exit_code, note, report_url, steps,"
+                               " report_attempts FROM execution WHERE report_state = 'PENDING'")
             now = time.monotonic()
             for row in rows:
                 if next_try.get(row["task_id"], 0) <= now:
@@ -1265,7 +1522,9 @@ class Executor:
     def report(self, row, next_try):
         url = urlsplit(row["report_url"])
         body = {"executionTaskId": row["task_id"], "status": row["status"],
-                "exitCode": row["exit_code"], "note": row["note"]}
+                "exitCode": row["exit_code"], "note": row["note"],
+                "steps": [{k: s[k] for k in ("index", "script", "always", "state", "exitCode",
+                                             "note")} for s in json.loads(row["steps"])]}
         try:
             code, payload = call_json(url.netloc, "POST", url.path, body, self.config.token,
                                       self.config.connect_timeout, self.config.read_timeout)
@@ -1290,8 +1549,10 @@ class Executor:
 
     # -- case logs -------------------------------------------------------------
 
-    def log_path(self, task_id):
-        return os.path.join(self.config.log_dir, f"{task_id}.log")
+    def log_path(self, task_id, step=0):
+        """Each step's output has its own log; the first step's is <taskId>.log."""
+        name = f"{task_id}.log" if step == 0 else f"{task_id}.step-{step}.log"
+        return os.path.join(self.config.log_dir, name)
 
     def prune_logs(self):
         """Remove logs of finished cases older than the retention period."""
@@ -1299,7 +1560,7 @@ class Executor:
         with self.lock:
             running = set(self.running)
         for name in os.listdir(self.config.log_dir):
-            task_id = name.split(".log")[0]
+            task_id = name.split(".step-")[0].split(".log")[0]
             path = os.path.join(self.config.log_dir, name)
             try:
                 if task_id not in running and os.path.getmtime(path) < cutoff:
@@ -1308,10 +1569,11 @@ class Executor:
             except OSError:
                 pass
 
-    def read_log(self, task_id, offset, limit):
-        """A page of a case's output: from offset, or the last `limit` bytes."""
-        self.status(task_id)        # 404 for an unknown task
-        path = self.log_path(task_id)
+    def read_log(self, task_id, offset, limit, step=0):
+        """A page of a step's output: from offset, or the last `limit` bytes."""
+        if step >= len(self.status(task_id)["steps"]):      # 404 for an unknown task
+            raise NotFound(f"task {task_id} has no step {step}", {"taskId": task_id})
+        path = self.log_path(task_id, step)
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -1320,7 +1582,8 @@ class Executor:
                 chunk = f.read(limit)
         except FileNotFoundError:
             size, start, chunk = 0, 0, b""
-        return {"taskId": task_id, "offset": start, "nextOffset": start + len(chunk),
+        return {"taskId": task_id, "step": step, "offset": start,
+                "nextOffset": start + len(chunk),
                 "size": size, "text": chunk.decode("utf-8", "replace"),
                 "olderCopy": os.path.exists(path + ".1")}
 
@@ -1330,20 +1593,38 @@ class Executor:
         row = self.db.one("SELECT * FROM execution WHERE task_id = ?", (task_id,))
         if row is None:
             raise NotFound(f"task {task_id} not found", {"taskId": task_id})
-        return public_execution(row)
+        return public_execution(row, self.log_path)
 
     def tasks(self):
         rows = self.db.all("SELECT * FROM execution WHERE status IN (?, ?) ORDER BY created_at",
                            (RUNNING, CANCELLING))
-        return [public_execution(r) for r in rows]
+        return [public_execution(r, self.log_path) for r in rows]
+
+    def cases(self):
+        """The scripts that may run: *.py under the cases directory, as relative paths."""
+        found = []
+        for dirpath, dirs, files in os.walk(self.cases_dir):
+            dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+            for name in sorted(files):
+                path = os.path.join(dirpath, name)
+                if name.endswith(".py") and os.path.realpath(path).startswith(self.cases_dir):
+                    found.append(os.path.relpath(path, self.cases_dir))
+        return found[:1000]
 
 
-def public_execution(row):
+def public_steps(steps_json, log_path):
+    return [{k: v for k, v in s.items() if k not in ("marker", "cgroup")} | {
+        "log": log_path(s["index"])} for s in json.loads(steps_json or "[]")]
+
+
+def public_execution(row, log_path):
     return {
         "taskId": row["task_id"], "script": row["script"], "args": json.loads(row["args"]),
         "status": row["status"], "pid": row["root_pid"], "exitCode": row["exit_code"],
         "createdAt": row["created_at"], "finishedAt": row["finished_at"],
         "note": row["note"], "logPath": row["log_path"],
+        "graceSeconds": row["grace_seconds"], "maxRuntimeSeconds": row["max_runtime_seconds"],
+        "steps": public_steps(row["steps"], lambda i: log_path(row["task_id"], i)),
         "lastStop": json.loads(row["stop_result"]) if row["stop_result"] else None,
         "report": {"state": row["report_state"], "attempts": row["report_attempts"],
                    "error": row["report_error"]},
@@ -1367,9 +1648,12 @@ def make_app(config):
         guarded()
         body = json_body()
         task_id = check_task_id(body.get("taskId", uuid.uuid4().hex))
-        args = string_list(body.get("args", []), "args")
+        steps = check_steps(body)
         report_url = check_report_url(body.get("reportUrl"))
-        data = service.execute(task_id, body.get("script"), args, report_url)
+        grace = seconds(body.get("graceSeconds"), "graceSeconds", config.max_grace_seconds,
+                        zero_ok=True)
+        max_runtime = seconds(body.get("maxRuntimeSeconds"), "maxRuntimeSeconds", 7 * 86400)
+        data = service.execute(task_id, steps, report_url, grace, max_runtime)
         return envelope(200, "task started", data)
 
     @app.post("/test-case-execution/cancel/<task_id>")
@@ -1389,6 +1673,11 @@ def make_app(config):
         guarded()
         return envelope(200, "ok", service.tasks())
 
+    @app.get("/test-case-execution/cases")
+    def cases():
+        guarded()
+        return envelope(200, "ok", service.cases())
+
     @app.get("/test-case-execution/log/<task_id>")
     def case_log(task_id):
         guarded()
@@ -1400,7 +1689,11 @@ def make_app(config):
             raise BadRequest("'offset' must be a non-negative integer")
         if not limit.isdigit() or not 1 <= int(limit) <= MAX_BODY_BYTES:
             raise BadRequest(f"'limit' must be an integer from 1 to {MAX_BODY_BYTES}")
-        data = service.read_log(task_id, None if offset is None else int(offset), int(limit))
+        step = query.get("step", "0")
+        if not step.isdigit():
+            raise BadRequest("'step' must be a non-negative integer")
+        data = service.read_log(task_id, None if offset is None else int(offset), int(limit),
+                                int(step))
         return envelope(200, "ok", data)
 
     @app.get("/metrics")
@@ -1435,6 +1728,8 @@ def parse_args(argv, defaults=ExecutorConfig()):
     p.add_argument("--grace-seconds", type=float,
                    default=float(env("EXECUTOR_GRACE_SECONDS", defaults.grace_seconds)),
                    help="time between SIGTERM and SIGKILL (default 5)")
+    p.add_argument("--max-grace-seconds", type=float, default=defaults.max_grace_seconds,
+                   help="the largest graceSeconds an execution may ask for (default 60)")
     p.add_argument("--keep-leftovers", action="store_true",
                    help="do not end processes a case leaves behind when it exits by itself")
     p.add_argument("--token", default=env(TOKEN_ENV, ""),
@@ -1462,7 +1757,8 @@ def parse_args(argv, defaults=ExecutorConfig()):
         work_dir=a.work_dir, grace_seconds=a.grace_seconds, keep_leftovers=a.keep_leftovers,
         token=a.token, connect_timeout=a.connect_timeout,
         read_timeout=a.read_timeout, log_max_bytes=a.log_max_bytes,
-        log_retention_days=a.log_retention_days, cgroups=a.cgroups)
+        log_retention_days=a.log_retention_days, cgroups=a.cgroups,
+        max_grace_seconds=a.max_grace_seconds)
     return config, a
 
 

@@ -23,6 +23,9 @@ CREATE TABLE IF NOT EXISTS execution (
     report_error     TEXT,
     stop_result      TEXT,                           -- JSON of the last tree stop
     note             TEXT,
+    steps            TEXT NOT NULL DEFAULT '[]',     -- JSON: each step's spec and state
+    grace_seconds    REAL,
+    max_runtime_seconds REAL,
     created_at       REAL NOT NULL,
     finished_at      REAL
 );

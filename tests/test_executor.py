@@ -398,4 +398,4 @@ def test_a_case_runs_inside_its_cgroup_from_its_first_instruction(start_executor
                    {"taskId": "where-1", "script": "where.py", "args": [str(out)]})[0] == 200
     text = wait_until(lambda: out.exists() and out.read_text(), 10, 0.02, "the case's cgroup")
     own = next(line for line in text.splitlines() if line.startswith("0::"))
-    assert own.endswith(f"/case-executor-{ex.port}/where-1"), own
+    assert own.endswith(f"/case-executor-{ex.port}/where-1/step-0"), own

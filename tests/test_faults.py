@@ -269,7 +269,7 @@ def test_start_twice_at_once_dispatches_once_and_start_after_stop_is_refused(
     assert [code for code, _ in results] == [200] * 4
     log = "".join(ex.log_text() for ex in two_machines)
     for execution_task_id in execution_ids(task):
-        assert log.count(f"task={execution_task_id} started") == 1
+        assert log.count(f"task={execution_task_id} step=0 started") == 1
     assert stop(col, task["id"])[0] == 200
     code, resp = col.call("POST", f"/api/collect-task/{task['id']}/start")
     assert code == 409 and "STOPPED" in resp["message"]
