@@ -28,11 +28,12 @@ import bottle
 
 from executor import (CONNECT_TIMEOUT, READ_TIMEOUT, TOKEN_ENV, ApiError, BadRequest,
                       CallFailed, Conflict, Database, Metrics, NotFound, backoff, call_json,
-                      check_script, compare_and_set, envelope, header_text, is_loopback,
+                      check_steps, compare_and_set, envelope, header_text, is_loopback,
                       json_body, make_bottle, make_server, parse_tokens, require_token,
-                      run_server, serve_metrics, setup_logging, string_list)
+                      run_server, seconds, serve_metrics, setup_logging)
 
 log = logging.getLogger("collector")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 ###############################################################################
 # Config and defaults ##########################################################
@@ -57,7 +58,7 @@ class CollectorConfig:
     advertise: str = ""           # host:port executors use to report back; default host:port
     token: str = ""               # shared with executors: sent to them, required on reports
     api_tokens: dict = dataclasses.field(default_factory=dict)  # name -> secret, for the API
-    workers: int = 64             # bounded pool for calls to executors
+    lane_workers: int = 16        # calls in flight to one executor at a time
 
 
 ###############################################################################
@@ -101,12 +102,48 @@ def move_instance(conn, inst, to, **fields):
 # Core logic ###################################################################
 ###############################################################################
 
+class Lanes:
+    """One bounded pool of call threads per executor. Calls stuck on a hung
+    machine wait in its lane and never hold up the calls to another machine."""
+
+    def __init__(self, per_lane):
+        self.per_lane = per_lane
+        self.lock = threading.Lock()
+        self.pools = {}
+        self.last_failure = {}      # address -> monotonic time a call found no answer
+        self.closed = False
+
+    def submit(self, address, fn, *args):
+        """fn(*args, queued_at=...) in address's lane."""
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("collector is stopping")
+            pool = self.pools.get(address)
+            if pool is None:
+                pool = self.pools[address] = concurrent.futures.ThreadPoolExecutor(
+                    self.per_lane, f"call-{address}")
+        return pool.submit(fn, *args, queued_at=time.monotonic())
+
+    def failed(self, address):
+        self.last_failure[address] = time.monotonic()
+
+    def failed_since(self, address, since):
+        return self.last_failure.get(address, -1.0) > since
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            pools = list(self.pools.values())
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Collector:
     def __init__(self, config):
         self.config = config
         self.db = Database(config.db)
         self.metrics = self.declare_metrics()
-        self.pool = concurrent.futures.ThreadPoolExecutor(config.workers, "executor-call")
+        self.lanes = Lanes(config.lane_workers)
         self.retry_due = threading.Event()
         self.stopping = threading.Event()
         self.advertise = config.advertise or f"{config.host}:{config.port}"
@@ -121,6 +158,9 @@ class Collector:
         m.declare("executor_call_seconds", "histogram",
                   "Calls to executors, by call (execute, cancel) and outcome (delivered, "
                   "not_found, rejected, refused, timeout, error).")
+        m.declare("executor_calls_skipped_total", "counter",
+                  "Calls not sent because a call to the same executor found no answer "
+                  "while they waited in its lane, by call.")
         m.declare("pending_cancels", "gauge", "Cancels not yet confirmed by an executor.",
                   gauge=lambda: self.db.one("SELECT COUNT(*) AS n FROM test_case_execution_instance"
                                             " WHERE cancel_state = 'PENDING'")["n"])
@@ -152,20 +192,31 @@ class Collector:
     def close(self):
         self.stopping.set()
         self.retry_due.set()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.lanes.close()
 
     def lease(self):
         """How long one attempt may be in flight before someone else may retry it."""
         return self.config.connect_timeout + self.config.read_timeout + 5
 
-    def call_executor(self, call, address, method, path, body=None):
-        """One call to an executor, timed and counted by outcome."""
+    def call_executor(self, call, address, method, path, body=None, queued_at=None,
+                      timeouts=None):
+        """One call to an executor, timed and counted by outcome.
+
+        A call that waited in its executor's lane (queued_at) is not sent if a
+        call to that executor found no answer meanwhile: it fails at once as
+        "skipped" instead of spending another full timeout on a dead machine."""
+        if queued_at is not None and self.lanes.failed_since(address, queued_at):
+            self.metrics.inc("executor_calls_skipped_total", call=call)
+            raise CallFailed("skipped", f"not sent: a call to {address} made meanwhile "
+                             f"found no answer")
         started = time.monotonic()
         try:
             code, payload = call_json(address, method, path, body, self.config.token,
-                                      self.config.connect_timeout, self.config.read_timeout)
+                                      *(timeouts or (self.config.connect_timeout,
+                                                     self.config.read_timeout)))
         except CallFailed as e:
             outcome = {"refused": "refused", "error": "error"}.get(e.kind, "timeout")
+            self.lanes.failed(address)
             raise
         else:
             outcome = ("delivered" if code < 300 else "not_found" if code == 404
@@ -184,11 +235,17 @@ class Collector:
         cases = body.get("cases")
         if not isinstance(cases, list) or not 1 <= len(cases) <= MAX_CASES:
             raise BadRequest(f"'cases' must be a list of 1 to {MAX_CASES} cases")
+        specs = []
         for i, case in enumerate(cases):
             if not isinstance(case, dict):
-                raise BadRequest(f"cases[{i}] must be an object with 'script' and 'args'")
-            check_script(case.get("script"), f"cases[{i}].script")
-            string_list(case.get("args", []), f"cases[{i}].args")
+                raise BadRequest(f"cases[{i}] must be an object with 'script' and 'args', "
+                                 "or 'steps'")
+            # The executor's rules, checked here so a bad case never becomes a row.
+            steps = check_steps(case, f"cases[{i}].")
+            limits = {k: seconds(case.get(k), f"cases[{i}].{k}", maximum, zero_ok=zero_ok)
+                      for k, maximum, zero_ok in (("graceSeconds", 3600, True),
+                                                  ("maxRuntimeSeconds", 7 * 86400, False))}
+            specs.append({"steps": steps, **{k: v for k, v in limits.items() if v is not None}})
         executors = body.get("executors", self.config.executors)
         if not isinstance(executors, list) or not executors:
             raise BadRequest("'executors' must be a non-empty list of host:port "
@@ -202,12 +259,13 @@ class Collector:
         with self.db.transaction() as c:
             task_id = c.execute("INSERT INTO collect_task (name, status, created_at)"
                                 " VALUES (?, ?, ?)", (name.strip(), PENDING, now)).lastrowid
-            for i, case in enumerate(cases):
+            for i, spec in enumerate(specs):
+                first = spec["steps"][0]
                 c.execute(
                     "INSERT INTO test_case_execution_instance (collect_task_id, script, args,"
-                    " executor, execution_task_id, status, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (task_id, case["script"], json.dumps(case.get("args", [])),
+                    " spec, executor, execution_task_id, status, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (task_id, first["script"], json.dumps(first["args"]), json.dumps(spec),
                      executors[i % len(executors)],
                      f"ct{task_id}-{i}-{secrets.token_hex(4)}", PENDING, now))
         log.info("task=%s created with %d case(s) on %s", task_id, len(cases), executors)
@@ -232,7 +290,7 @@ class Collector:
                 if move_instance(c, inst, DISPATCHING):
                     claimed.append(dict(inst))
         log.info("task=%s starting %d instance(s)", task_id, len(claimed))
-        futures = [self.pool.submit(self.dispatch, inst) for inst in claimed]
+        futures = [self.lanes.submit(inst["executor"], self.dispatch, inst) for inst in claimed]
         concurrent.futures.wait(futures)
         self.finish_task_if_done(task_id)
         detail = self.task_detail(task_id)
@@ -242,21 +300,20 @@ class Collector:
         return detail, "task started" + (f"; {failed} instance(s) failed to dispatch"
                                          if failed else "")
 
-    def dispatch(self, inst):
-        body = {"taskId": inst["execution_task_id"], "script": inst["script"],
-                "args": json.loads(inst["args"]),
+    def dispatch(self, inst, queued_at=None):
+        body = {"taskId": inst["execution_task_id"], **json.loads(inst["spec"]),
                 "reportUrl": f"http://{self.advertise}/api/execution-instance/{inst['id']}/report"}
         where = f"task={inst['collect_task_id']} instance={inst['id']} " \
                 f"execution={inst['execution_task_id']} executor={inst['executor']}"
         started = time.monotonic()
         try:
             code, payload = self.call_executor("execute", inst["executor"], "POST",
-                                               "/test-case-execution/execute", body)
+                                               "/test-case-execution/execute", body, queued_at)
         except CallFailed as e:
-            # Refused: nothing started. Anything else: it may have started, so cancel it.
+            # Refused or never sent: nothing started. Else it may have, so cancel it.
             log.warning("%s execute failed: %s", where, e.text)
             self.dispatch_failed(inst, f"execute failed: {e.text}",
-                                 may_have_started=e.kind != "refused")
+                                 may_have_started=e.kind not in ("refused", "skipped"))
             return
         ms = int((time.monotonic() - started) * 1000)
         log.info("%s execute answered HTTP %s in %dms", where, code, ms)
@@ -310,7 +367,8 @@ class Collector:
                 if dispatched:
                     claimed.append(dict(inst, cancel_attempts=1))
         log.info("task=%s stopped: %d cancel(s) to send", task_id, len(claimed))
-        futures = [self.pool.submit(self.deliver_cancel, inst) for inst in claimed]
+        futures = [self.lanes.submit(inst["executor"], self.deliver_cancel, inst)
+                   for inst in claimed]
         concurrent.futures.wait(futures, timeout=max(0, deadline - time.monotonic()))
         if not claimed:
             self.confirm_stop_if_complete(task_id)
@@ -319,7 +377,7 @@ class Collector:
         message = "task stopped" + (f"; {pending} cancel(s) pending retry" if pending else "")
         return detail, message
 
-    def deliver_cancel(self, inst):
+    def deliver_cancel(self, inst, queued_at=None):
         """One attempt to cancel one instance on its executor; the outcome is recorded."""
         where = f"task={inst['collect_task_id']} instance={inst['id']} " \
                 f"execution={inst['execution_task_id']} executor={inst['executor']}"
@@ -329,7 +387,7 @@ class Collector:
         try:
             code, payload = self.call_executor(
                 "cancel", inst["executor"], "POST",
-                f"/test-case-execution/cancel/{inst['execution_task_id']}")
+                f"/test-case-execution/cancel/{inst['execution_task_id']}", queued_at=queued_at)
         except CallFailed as e:
             code, payload, error = None, None, e.text
         else:
@@ -386,8 +444,8 @@ class Collector:
                 if claimed:
                     inst["cancel_attempts"] += 1
                     try:
-                        self.pool.submit(self.deliver_cancel, inst)
-                    except RuntimeError:     # pool shut down: we are stopping
+                        self.lanes.submit(inst["executor"], self.deliver_cancel, inst)
+                    except RuntimeError:     # lanes closed: we are stopping
                         return
             nxt = self.db.one("SELECT MIN(cancel_next_at) AS t FROM test_case_execution_instance"
                               " WHERE cancel_state = 'PENDING'")["t"]
@@ -400,15 +458,19 @@ class Collector:
     def report(self, instance_id, body):
         execution_task_id = body.get("executionTaskId")
         status, exit_code = body.get("status"), body.get("exitCode")
-        if status not in (SUCCESS, FAILED, "CANCELLED"):
-            raise BadRequest("'status' must be SUCCESS, FAILED or CANCELLED")
+        if status not in (SUCCESS, FAILED, "CANCELLED", "TIMEOUT"):
+            raise BadRequest("'status' must be SUCCESS, FAILED, CANCELLED or TIMEOUT")
         if exit_code is not None and (not isinstance(exit_code, int) or isinstance(exit_code, bool)
                                       or not -2**31 <= exit_code < 2**31):
             raise BadRequest("'exitCode' must be a 32-bit integer or null")
         if not isinstance(execution_task_id, str):
             raise BadRequest("'executionTaskId' must be a string")
         note = body.get("note")
-        note = note if isinstance(note, str) else None
+        note = note[:2000] if isinstance(note, str) else None
+        steps = body.get("steps")
+        steps = json.dumps(steps)[:100000] if isinstance(steps, list) else None
+        if status == "TIMEOUT":
+            note = "timeout" + (f": {note}" if note else "")
         with self.db.transaction() as c:
             inst = c.execute("SELECT * FROM test_case_execution_instance WHERE id = ?",
                              (instance_id,)).fetchone()
@@ -416,9 +478,12 @@ class Collector:
                 raise NotFound(f"instance {instance_id} not found")
             if inst["execution_task_id"] != execution_task_id:
                 raise Conflict("executionTaskId does not match this instance")
-            to = STOPPED if status == "CANCELLED" else status
+            to = {"CANCELLED": STOPPED, "TIMEOUT": FAILED}.get(status, status)
             changed = move_instance(c, inst, to, exit_code=exit_code,
                                     finished_at=time.time(), error=note)
+            # Whatever the instance's state, keep what the executor says of each step.
+            c.execute("UPDATE test_case_execution_instance SET steps = ? WHERE id = ?",
+                      (steps, instance_id))
         if changed:
             log.info("task=%s instance=%s reported %s exit=%s", inst["collect_task_id"],
                      instance_id, to, exit_code)
@@ -441,6 +506,28 @@ class Collector:
                 log.info("task=%s finished %s", task_id, to)
 
     # -- queries ---------------------------------------------------------------
+
+    def executors(self):
+        """The configured executors, whether they answer, and the cases each offers.
+
+        Asked outside the lanes and with short timeouts: a person is waiting, and
+        a lane may be busy with cancels to a hung machine."""
+        timeouts = (min(2.0, self.config.connect_timeout), min(5.0, self.config.read_timeout))
+
+        def ask(address):
+            try:
+                code, payload = self.call_executor("cases", address, "GET",
+                                                   "/test-case-execution/cases",
+                                                   timeouts=timeouts)
+            except CallFailed as e:
+                return {"address": address, "reachable": False, "error": e.text, "cases": []}
+            ok = code == 200
+            return {"address": address, "reachable": ok, "cases": payload["data"] if ok else [],
+                    "error": None if ok else f"HTTP {code}: {payload.get('message')}"}
+        if not self.config.executors:
+            return []
+        with concurrent.futures.ThreadPoolExecutor(len(self.config.executors)) as pool:
+            return list(pool.map(ask, self.config.executors))
 
     def get_task(self, conn, task_id):
         row = conn.execute("SELECT * FROM collect_task WHERE id = ?", (task_id,)).fetchone()
@@ -488,6 +575,7 @@ def public_task(t, counts):
 def public_instance(i):
     return {
         "id": i["id"], "script": i["script"], "args": json.loads(i["args"]),
+        "spec": json.loads(i["spec"]), "steps": json.loads(i["steps"]) if i["steps"] else None,
         "executor": i["executor"], "executionTaskId": i["execution_task_id"],
         "status": i["status"], "exitCode": i["exit_code"], "error": i["error"],
         "createdAt": i["created_at"], "startedAt": i["started_at"],
@@ -574,6 +662,14 @@ def make_app(config):
         instance_id = positive_id(instance_id, "instance id")
         return envelope(200, "report recorded", service.report(instance_id, json_body()))
 
+    @app.get("/api/executors")
+    def executors():
+        return envelope(200, "ok", service.executors())
+
+    @app.get("/")
+    def page():
+        return bottle.static_file("collector.html", root=HERE)
+
     @app.get("/metrics")
     def metrics():
         return serve_metrics(service.metrics)
@@ -605,6 +701,9 @@ def parse_args(argv, defaults=CollectorConfig()):
                    help="the stop API answers within this many seconds (default 3)")
     p.add_argument("--retry-max", type=float, default=defaults.retry_max,
                    help="cap of the backoff between attempts of a pending cancel (default 30)")
+    p.add_argument("--lane-workers", type=int, default=defaults.lane_workers,
+                   help="calls in flight to one executor at a time (default 16); each "
+                        "executor has its own, so a hung one never holds up the others")
     p.add_argument("--advertise", default="",
                    help="host:port executors use to reach this collector (default host:port)")
     p.add_argument("--token", default=env(TOKEN_ENV, ""),
@@ -625,6 +724,8 @@ def parse_args(argv, defaults=CollectorConfig()):
     if a.host in ("0.0.0.0", "::", "[::]") and not a.advertise:
         p.error(f"--host {a.host} needs --advertise HOST:PORT: the address executors "
                 "report back to")
+    if a.lane_workers < 1:
+        p.error("--lane-workers must be at least 1")
     executors = a.executor or [e for e in env("COLLECTOR_EXECUTORS", "").split(",") if e]
     for address in executors:
         if not EXECUTOR_ADDRESS_RE.match(address):
@@ -633,6 +734,7 @@ def parse_args(argv, defaults=CollectorConfig()):
         host=a.host, port=a.port, db=a.db, executors=executors,
         connect_timeout=a.connect_timeout, read_timeout=a.read_timeout,
         stop_wait=a.stop_wait, retry_max=a.retry_max, advertise=a.advertise,
+        lane_workers=a.lane_workers,
         token=a.token, api_tokens=parse_tokens(a.api_token, "api"))
     return config, a
 

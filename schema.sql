@@ -49,7 +49,9 @@ CREATE TABLE IF NOT EXISTS test_case_execution_instance (
     id                  INTEGER PRIMARY KEY AUTOINCREMENT,
     collect_task_id     INTEGER NOT NULL REFERENCES collect_task(id),
     script              TEXT NOT NULL,
-    args                TEXT NOT NULL DEFAULT '[]',  -- JSON list
+    args                TEXT NOT NULL DEFAULT '[]',  -- JSON list (of the first step)
+    spec                TEXT NOT NULL DEFAULT '{}',  -- JSON sent to the executor: steps, limits
+    steps               TEXT,                        -- JSON: each step's outcome, as reported
     executor            TEXT NOT NULL,               -- host:port
     execution_task_id   TEXT NOT NULL UNIQUE,
     status              TEXT NOT NULL DEFAULT 'PENDING', -- PENDING DISPATCHING RUNNING STOPPED SUCCESS FAILED

@@ -20,7 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from support import ROOT, Service, port_or_free, processes_marked, wait_until  # noqa: E402
 
 DEMO_CASES = [
-    {"script": "sysstat_sampler.py", "args": ["--duration", "600"]},
+    # Collect, then release the rig: the cleanup step runs even when stopped.
+    {"steps": [{"script": "sysstat_sampler.py", "args": ["--duration", "600"]},
+               {"script": "release_rig.py", "always": True}]},
     {"script": "pool_collector.py", "args": ["--duration", "600"]},
     {"script": "shell_pipeline.py", "args": ["--duration", "600"]},
 ]
@@ -94,9 +96,20 @@ def demo():
             say(f"  instance {i['id']}  {i['status']:<8} cancel {c['state']:<9} "
                 f"signalled={r.get('signalled')} terminated={r.get('terminated')} "
                 f"killed={r.get('killed')} survivors={r.get('survivors')}")
-        left = [p for procs in case_processes(instances).values() for p in procs]
+        marker = os.path.join(base, "executor1", "work", instances[0]["executionTaskId"],
+                              "rig-released.txt")
+        released = wait_until(lambda: os.path.exists(marker), 15, 0.1, "the cleanup step")
+        say(f"  instance {instances[0]['id']}  cleanup step release_rig.py ran after the stop: "
+            f"{os.path.relpath(marker, base)} written")
+        def left_over():
+            return [p for procs in case_processes(instances).values() for p in procs]
+        try:        # the cleanup step itself ends within a second
+            wait_until(lambda: not left_over(), 10, 0.1, "the cleanup step to end")
+        except AssertionError:
+            pass
+        left = left_over()
         say(f"\ncheck with psutil: {total} case processes before the stop, {len(left)} after")
-        ok = (code == 200 and not left
+        ok = (code == 200 and not left and released
               and all(i["cancel"]["state"] == "DELIVERED" for i in resp["data"]["instances"]))
         say("OK: the stop was complete." if ok else "FAILED: the stop was not complete.")
         return 0 if ok else 1

@@ -76,6 +76,47 @@ def test_cancels_go_out_in_parallel_and_the_stop_answers_within_stop_wait(
             listener.close()
 
 
+def test_a_stop_stuck_on_a_hung_machine_never_holds_up_the_stop_of_another(
+        start_executor, start_collector, pid_file):
+    """Each executor has its own lane of call threads: cancels queued behind a
+    frozen machine wait there, and the ones that waited are not sent once a
+    call to it found no answer (one timeout, not one per queued cancel)."""
+    frozen = start_executor(host="127.0.0.2", name="frozen")
+    healthy = start_executor(host="127.0.0.3", name="healthy")
+    col = start_collector([frozen.address, healthy.address], args=["--lane-workers", "2"],
+                          read_timeout=2.0, stop_wait=1.0, retry_max=0.5)
+    big_paths = [pid_file() for _ in range(6)]
+    big = create(col, [fake_case(p) for p in big_paths], executors=[frozen.address])
+    small_paths = [pid_file() for _ in range(2)]
+    small = create(col, [fake_case(p) for p in small_paths], executors=[healthy.address])
+    for task in (big, small):
+        start(col, task["id"])
+    big_entries = [e for p in big_paths for e in wait_pid_file(p, 1)]
+    small_entries = [e for p in small_paths for e in wait_pid_file(p, 1)]
+    os.kill(frozen.proc.pid, signal.SIGSTOP)  # the kernel still accepts connects; nobody answers
+    try:
+        code, resp = stop(col, big["id"])
+        assert code == 200 and "6 cancel(s) pending retry" in resp["message"], resp
+        code, resp = stop(col, small["id"])
+        assert code == 200, resp
+        assert [i["cancel"]["state"] for i in resp["data"]["instances"]] == ["DELIVERED"] * 2
+        assert_all_gone(small_entries)
+        # Two calls time out; the four queued behind them are not sent.
+        wait_until(lambda: all(i["cancel"]["error"] for i in detail(col, big["id"])["instances"]),
+                   10, 0.1, "every cancel of the frozen machine to be tried or skipped")
+        errors = [i["cancel"]["error"] for i in detail(col, big["id"])["instances"]]
+        assert sum("not sent" in e for e in errors) >= 3, errors
+        assert all(running(*e) for e in big_entries)
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+    # A timed-out call may still be served once the machine thaws; the retry
+    # then finds the case already gone (NOT_FOUND), which confirms it too.
+    wait_until(lambda: all(i["cancel"]["state"] in ("DELIVERED", "NOT_FOUND")
+                           for i in detail(col, big["id"])["instances"]),
+               20, 0.1, "the frozen machine's cancels to be confirmed once it thaws")
+    wait_gone(big_entries, 10)
+
+
 # -- cancels are never lost ------------------------------------------------------------
 
 def test_an_executor_back_from_the_dead_gets_its_cancel_and_ends_the_tree(
