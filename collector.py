@@ -156,7 +156,7 @@ class Collector:
         m.declare("stops_complete_total", "counter",
                   "Stopped tasks whose every cancel was confirmed by its executor.")
         m.declare("executor_call_seconds", "histogram",
-                  "Calls to executors, by call (execute, cancel) and outcome (delivered, "
+                  "Calls to executors, by call (execute, cancel, cases) and outcome (delivered, "
                   "not_found, rejected, refused, timeout, error).")
         m.declare("executor_calls_skipped_total", "counter",
                   "Calls not sent because a call to the same executor found no answer "
