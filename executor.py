@@ -24,9 +24,9 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import re
 import signal
-import socketserver
 import sqlite3
 import subprocess
 import sys
@@ -403,11 +403,43 @@ def serve_metrics(metrics):
     return metrics.render()
 
 
-class ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
-    """wsgiref, one thread per request: a slow cancel never blocks /health."""
-    daemon_threads = True
+class ThreadingWSGIServer(wsgiref.simple_server.WSGIServer):
+    """wsgiref with a thread for every request in flight, so a slow cancel never
+    blocks /health; threads are kept for the next request (up to max_idle
+    waiting), so a burst of stops does not pay a new thread and a new SQLite
+    connection per request."""
     allow_reuse_address = True
     request_queue_size = 256
+    max_idle = 32
+
+    def server_activate(self):
+        super().server_activate()
+        self.requests = queue.SimpleQueue()
+        self.idle_lock = threading.Lock()
+        self.idle = 0           # workers waiting for a request nobody has claimed
+
+    def process_request(self, request, client_address):
+        with self.idle_lock:
+            spawn = self.idle == 0
+            if not spawn:
+                self.idle -= 1  # claimed: that worker takes this request
+        self.requests.put((request, client_address))
+        if spawn:
+            threading.Thread(target=self.serve_requests, name="http", daemon=True).start()
+
+    def serve_requests(self):
+        while True:
+            request, client_address = self.requests.get()
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+            with self.idle_lock:
+                if self.idle >= self.max_idle:
+                    return
+                self.idle += 1
 
 
 class QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
@@ -619,11 +651,16 @@ class Proc:
 
 def read_proc(pid):
     """The process with this pid now, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+    try:        # os.open/os.read: half the cost of open(), and a scan does this per process
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
+    try:
+        stat = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # The command name is in parentheses and may itself hold spaces or ')'.
     fields = stat[stat.rindex(b")") + 2:].split()
     return Proc(pid, int(fields[1]), int(fields[3]), fields[0].decode(),
@@ -739,11 +776,11 @@ class ProcessTable:
                 p = read_proc(int(name))
                 if p is not None:
                     procs[p.pid] = p
-        markers = {}
+        seen = self.markers
+        self.markers = markers = {}
         for p in procs.values():
-            markers[p.key] = (self.markers[p.key] if p.key in self.markers
-                              else read_run_marker(p.pid))
-        self.markers = markers
+            key = p.key
+            markers[key] = seen[key] if key in seen else read_run_marker(p.pid)
         return Snapshot(procs, markers, started)
 
 
@@ -752,11 +789,43 @@ PROCESS_TABLE = ProcessTable()
 
 def case_finder(run_marker, root_pid, root_create_time, known, cgroup=None,
                 table=PROCESS_TABLE):
-    """find() -> the case's live processes, from a scan taken after the call."""
+    """find() -> the case's live processes. The first call may use any scan that
+    started after the finder was made, so the stops of many cases at once share
+    scans; each later call uses a scan started after the call, so whatever was
+    forked before the caller froze what it had found is in it."""
+    made = [time.monotonic()]
+
     def find():
-        snap = table.snapshot()
-        return snap.case_members(run_marker, root_pid, root_create_time, known,
-                                 cgroup_pids(cgroup) if cgroup else ())
+        snap = table.snapshot(made.pop() if made else None)
+        members = snap.case_members(run_marker, root_pid, root_create_time, known,
+                                    cgroup_pids(cgroup) if cgroup else ())
+        # The scan may be older than the call: drop who has died since.
+        return [p for p in members if (now := read_proc(p.pid)) is not None
+                and now.key == p.key and now.alive]
+    return find
+
+
+def cgroup_finder(cgroup, known):
+    """find() -> the live processes in a case's cgroup and those seen before:
+    no /proc scan, so polling while a tree dies costs what the tree costs, not
+    what the machine holds. stop_tree still confirms "nothing left" with
+    case_finder, for a privileged case that moved itself out of its cgroup."""
+    me = os.getpid()
+
+    def find():
+        live = {}
+        for pid in cgroup_pids(cgroup):
+            p = read_proc(pid)
+            if p is not None and p.alive and pid != me:
+                live[p.key] = p
+        for key, p in list(known.items()):
+            now = read_proc(p.pid)
+            if not same_process(now, *key):
+                del known[key]
+            elif now.alive:
+                live.setdefault(key, now)
+        known.update(live)
+        return list(live.values())
     return find
 
 
@@ -867,7 +936,8 @@ def awaiting_reap(proc):
     return now.alive or now.ppid == os.getpid()
 
 
-def stop_tree(find, grace, poll=0.02, kill_wait=2.0, reap_wait=2.0, kill_all=None):
+def stop_tree(find, grace, poll=0.02, kill_wait=2.0, reap_wait=2.0, kill_all=None,
+              find_quick=None):
     """End every process find() lists: SIGTERM, one shared grace, SIGKILL, reap.
 
     1. freeze the whole set (SIGSTOP, rescanning until nothing new appears: a
@@ -877,17 +947,19 @@ def stop_tree(find, grace, poll=0.02, kill_wait=2.0, reap_wait=2.0, kill_all=Non
        terminating any newcomer found meanwhile;
     4. at the deadline SIGKILL whatever is left (and kill_all(), which may
        reach what no scan saw), until a scan is empty;
-    5. wait until the dead are reaped; anything still alive is a survivor."""
+    5. wait until the dead are reaped; anything still alive is a survivor.
+    find_quick, if given, is a cheaper look (a case's cgroup) used until the
+    set seems empty; "nothing left" is only believed when find() says so too."""
     started = time.monotonic()
     deadline = started + grace
     signals = Signaller()
     members = {}
     killed = set()
 
-    def freeze_newcomers():
+    def freeze_newcomers(look):
         fresh = []
         for _ in range(1000):
-            live = find()
+            live = look()
             new = [p for p in live if p.key not in members]
             if not new:
                 return fresh, live
@@ -897,26 +969,39 @@ def stop_tree(find, grace, poll=0.02, kill_wait=2.0, reap_wait=2.0, kill_all=Non
             fresh += new
         return fresh, live
 
+    quick = find_quick or find
     try:
+        look = quick
         while True:
-            fresh, live = freeze_newcomers()
+            fresh, live = freeze_newcomers(look)
             for p in fresh:
                 signals.send(p, signal.SIGTERM)
             for p in fresh:
                 signals.send(p, signal.SIGCONT)
+            if not live and look is not find:
+                look = find                 # confirm with the full look, at once
+                continue
             if not live or time.monotonic() >= deadline:
                 break
+            look = quick
             time.sleep(poll)
         kill_deadline = time.monotonic() + kill_wait
         if live and kill_all:
             kill_all()
-        while live and time.monotonic() < kill_deadline:
+        look = quick
+        while time.monotonic() < kill_deadline:
+            if not live:
+                if look is find:
+                    break
+                look = find
+                live = find()
+                continue
             for p in live:
                 members.setdefault(p.key, p)
                 killed.add(p.key)
                 signals.send(p, signal.SIGKILL)
             time.sleep(poll)
-            live = find()
+            live = look()
         reap_deadline = time.monotonic() + reap_wait
         while any(awaiting_reap(p) for p in members.values()):
             if time.monotonic() >= reap_deadline:
@@ -1008,6 +1093,9 @@ class Unit:
 
     def find(self):
         return case_finder(self.marker, self.pid, self.create_time, self.known, self.cgroup)
+
+    def find_quick(self):
+        return cgroup_finder(self.cgroup, self.known) if self.cgroup else self.find()
 
 
 class Execution:
@@ -1395,15 +1483,20 @@ class Executor:
     def end_tree(self, ex, units, reason):
         """stop_tree over the trees of some steps at once, logged and counted."""
         finders = [u.find() for u in units]
+        quick_finders = [u.find_quick() for u in units]
         cgroups = [u.cgroup for u in units if u.cgroup]
 
         def find():
             return [p for f in finders for p in f()]
 
+        def find_quick():
+            return [p for f in quick_finders for p in f()]
+
         def kill_all():
             for cg in cgroups:
                 cgroup_kill(cg)
-        result = stop_tree(find, ex.grace, kill_all=kill_all if cgroups else None)
+        result = stop_tree(find, ex.grace, kill_all=kill_all if cgroups else None,
+                           find_quick=find_quick if cgroups else None)
         if not result.survivors:
             for cg in cgroups:
                 cgroup_remove(cg)

@@ -40,7 +40,7 @@ PARTS = [
     ("collector: completion reports from executors", ("Collector.report",)),
     ("collector: stop transaction and answer", ("stop_task",)),
     ("SQLite", ("Database.", "transaction (executor.py", "compare_and_set")),
-    ("HTTP server, routing, JSON (wsgiref/bottle)", ("process_request_thread",)),
+    ("HTTP server, routing, JSON (wsgiref/bottle)", ("serve_requests", "process_request_thread")),
     ("accept loop", ("serve_forever",)),
 ]
 
