@@ -38,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-import _thread
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +76,9 @@ class Plan:
     api_blackholes: tuple = ((0, 0), (1, 0), (2, 1))   # (silent, unconnectable)
     stop_wait: float = 3.0        # the collector's --stop-wait (its default)
     ref_timeouts: tuple = (0.5, 1.5)   # the design's 10 s / 30 s, scaled by 1/20
-    ref_runs: int = 2
+    ref_runs: int = 1             # the loop's time is the sum of its timeouts: one run shows it
+    isolation_hung: int = 100     # > the collector's 64 call workers; 0 skips the isolation run
+    isolation_watch: float = 5.0  # how long to watch the healthy task's cases after its stop
     design_ref_cap: float = 30.0  # one loop run with the real 10 s / 30 s, cut off after this
     scale_levels: tuple = (1, 10, 50, 100)
     scale_instances: int = 4
@@ -104,7 +105,7 @@ def quick_plan():
     return Plan(
         runs=1, grace=0.3, never_after=0.5, api_executors=4, api_instances=8,
         api_blackholes=((0, 0), (1, 0), (1, 1)), stop_wait=1.0, ref_timeouts=(0.2, 0.6),
-        ref_runs=1, design_ref_cap=0, scale_levels=(1, 5), growth_trees=(10, 50),
+        ref_runs=1, design_ref_cap=0, isolation_hung=0, scale_levels=(1, 5), growth_trees=(10, 50),
         growth_tasks=(1, 5), growth_runs=1,
         topologies=[
             Topology("wide-200", "wide tree: root + 20 children (quick)", ["--children", "20", "--depth", "1"]),
@@ -556,7 +557,7 @@ def section_api(plan, base):
     collector = collector_service(base, executors, "api-collector", stop_wait=plan.stop_wait)
     services = executors + [collector]
     rows = []
-    design = None
+    design = isolation = None
     c_s, r_s = plan.ref_timeouts
     try:
         start_services(services)
@@ -605,10 +606,78 @@ def section_api(plan, base):
             log(f"  one-after-another loop with the design's 10 s / 30 s, {silent} silent + "
                 f"{unconn} unconnectable: {fmt_ms(design['total_ms'])} for "
                 f"{len(design['calls'])} of {plan.api_instances} instances (cut off)")
+        if plan.isolation_hung:
+            isolation = isolation_run(plan, collector, executors)
     finally:
         for s in services:
             s.stop()
-    return rows, design
+    return rows, design, isolation
+
+
+def watch_gone(ids, within):
+    """Seconds until no case of ids runs, or None if some still run after `within`."""
+    t0 = time.monotonic()
+    try:
+        wait_until(lambda: not marked_pids(CASE_ID_ENV, ids), within, 0.02, "cases to end")
+        return time.monotonic() - t0
+    except TimeoutError:
+        return None
+
+
+def isolation_run(plan, collector, executors):
+    """Does a stop stuck on black holes hold up the stop of a healthy task?
+
+    A 4-instance task on two healthy executors is stopped alone; then again
+    0.5 s after the stop of a task of isolation_hung instances on two silent
+    executors began (more cancels than the collector has call workers)."""
+    healthy, hung = executors[:2], executors[-2:]
+    tasks = []
+    out = {"hung_instances": plan.isolation_hung, "watch_s": plan.isolation_watch}
+    try:
+        alone = make_task(collector, healthy, 4)
+        tasks.append(alone)
+        t0 = time.monotonic()
+        r = [None]
+        go = threading.Event()
+        go.set()
+        stop_task(collector, alone, r, 0, go)
+        gone = watch_gone(case_ids([alone]), plan.isolation_watch)
+        out["alone"] = dict(r[0], cases_gone_s=None if gone is None else
+                            round(time.monotonic() - t0, 3))
+        big = make_task(collector, hung, plan.isolation_hung)
+        small = make_task(collector, healthy, 4)
+        tasks += [big, small]
+        for e in hung:
+            e.freeze()
+        rb = [None]
+        stuck = threading.Thread(target=stop_task, args=(collector, big, rb, 0, go), daemon=True)
+        stuck.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        stop_task(collector, small, r, 0, go)
+        gone = watch_gone(case_ids([small]), plan.isolation_watch)
+        out["behind_hung"] = dict(r[0], cases_gone_s=None if gone is None else
+                                  round(time.monotonic() - t0, 3))
+        stuck.join(60)
+        out["hung_stop"] = rb[0]
+    finally:
+        for e in hung:
+            e.thaw()
+        for e in hung:
+            e.wait_healthy(30)
+        tidy(collector, executors, tasks)
+    for k in ("alone", "behind_hung"):
+        for key in ("start", "end"):
+            out[k].pop(key, None)
+    if out.get("hung_stop"):
+        out["hung_stop"].pop("start", None)
+        out["hung_stop"].pop("end", None)
+    log(f"  isolation: healthy task's stop alone {fmt_ms(out['alone']['latency_ms'])} "
+        f"{out['alone']['cancel_states']}; behind a stop of {plan.isolation_hung} instances on "
+        f"hung executors {fmt_ms(out['behind_hung']['latency_ms'])} "
+        f"{out['behind_hung']['cancel_states']}, its cases gone after "
+        f"{out['behind_hung']['cases_gone_s']} s (watched {plan.isolation_watch:g} s)")
+    return out
 
 
 def project_design(plan, row, ok_ms):
@@ -620,7 +689,7 @@ def project_design(plan, row, ok_ms):
     return holes * 1000 + answered * ok_ms
 
 
-def summarize_api(plan, rows, design):
+def summarize_api(plan, rows, design, isolation):
     out = []
     ok_calls = [c["ms"] for row in rows for ref in row["reference"] for c in ref["calls"]
                 if c["outcome"].startswith("HTTP")]
@@ -641,7 +710,8 @@ def summarize_api(plan, rows, design):
             "reference_scaled_max_ms": max(refs) if refs else None,
             "reference_projected_design_ms": round(project_design(plan, row, ok_ms), 1),
         })
-    return {"rows": out, "answered_call_median_ms": ok_ms, "design_run": design}
+    return {"rows": out, "answered_call_median_ms": ok_ms, "design_run": design,
+            "isolation": isolation}
 
 
 def api_table(plan, summary):
@@ -918,14 +988,14 @@ def cgroup_sentence(info):
     return "The executor found no cgroup v2 it may write here: its cancel is the /proc scan alone."
 
 
-def render(plan, quick, env, kill_rows, api, scale, growth, target_list, elapsed):
+def render(plan, quick, env, kill_rows, api, scale, growth, target_list, elapsed, out):
     c_s, r_s = plan.ref_timeouts
     parts = [
         f"Measured by `{'make bench' if not quick else 'bench/run.py --quick'}` "
         f"({'quick: tiny sizes, 1 run each' if quick else f'median of {plan.runs} runs'}) on "
         f"{env['cpus']} CPUs, Python {env['python']}, load average at start "
         f"{env['loadavg_start'][0]:.2f}, {env['processes_on_machine']} processes on the machine; "
-        f"whole run {elapsed:.0f} s; code: {code_line(env)}. Raw figures: `bench/results.json`.",
+        f"whole run {elapsed:.0f} s; code: {code_line(env)}. Raw figures: `{out}`.",
         "",
         "### 1. Kill completeness and time per topology",
         "",
@@ -957,7 +1027,7 @@ def render(plan, quick, env, kill_rows, api, scale, growth, target_list, elapsed
         f"the bench short; the last column projects it to 10 s/30 s (each black-holed call "
         f"its full timeout, each answered call its measured median "
         f"{fmt_ms(api['answered_call_median_ms'])}). Collector: {plan.runs} runs; loop: "
-        f"{min(plan.runs, plan.ref_runs)} runs (its time is the sum of the timeouts).",
+        f"{min(plan.runs, plan.ref_runs)} run(s) (its time is the sum of its timeouts).",
         "",
         api_table(plan, api),
     ]
@@ -970,6 +1040,24 @@ def render(plan, quick, env, kill_rows, api, scale, growth, target_list, elapsed
                   f"{plan.api_instances} instances cancelled "
                   f"({', '.join(c['outcome'] + ' ' + fmt_ms(c['ms']) for c in design['calls'][-2:])} "
                   f"were the last calls)."]
+    iso = api.get("isolation")
+    if iso:
+        def gone(r):
+            return (f"{r['cases_gone_s']:.2f} s" if r["cases_gone_s"] is not None
+                    else f"still running after {iso['watch_s']:g} s")
+        parts += ["", f"Isolation: the stop of a healthy 4-instance task (2 healthy executors), "
+                  f"alone and 0.5 s after the stop of a {iso['hung_instances']}-instance task on "
+                  f"2 silent executors began (more cancels than the collector's call workers).",
+                  "", table(["healthy task's stop", "answer", "cancel states at answer",
+                             "its cases gone after"],
+                            [["alone", fmt_ms(iso["alone"]["latency_ms"]),
+                              ", ".join(f"{k} {v}" for k, v in iso["alone"]["cancel_states"].items()),
+                              gone(iso["alone"])],
+                             [f"behind {iso['hung_instances']} hung cancels",
+                              fmt_ms(iso["behind_hung"]["latency_ms"]),
+                              ", ".join(f"{k} {v}" for k, v in
+                                        iso["behind_hung"]["cancel_states"].items()),
+                              gone(iso["behind_hung"])]])]
     g1, g2 = growth["tables"]
     parts += [
         "",
@@ -1048,6 +1136,8 @@ def parse_args(argv):
     p.add_argument("--runs", type=int, help="runs per measurement (default 5; quick 1)")
     p.add_argument("--only", choices=("kill", "api", "scale", "growth"), action="append",
                    help="run only these sections (repeatable); the report shows what ran")
+    p.add_argument("--topology", action="append", metavar="KEY",
+                   help="section 1 only for these topologies (repeatable), e.g. wide-200")
     p.add_argument("--no-design-run", action="store_true",
                    help="skip the one ~31 s run of the loop at the real 10 s/30 s timeouts")
     p.add_argument("--ref", help="measure the code of this commit (exported to a scratch "
@@ -1076,17 +1166,30 @@ def main(argv=None):
         plan.runs = a.runs
     if a.no_design_run:
         plan.design_ref_cap = 0
+    if a.topology:
+        known = {t.key for t in plan.topologies}
+        unknown = set(a.topology) - known
+        if unknown:
+            raise SystemExit(f"unknown topology {sorted(unknown)}; known: {sorted(known)}")
+        plan.topologies = [t for t in plan.topologies if t.key in a.topology]
     sections = set(a.only or ("kill", "api", "scale", "growth"))
+    # Only a full run replaces bench/results.json and bench/RESULTS.md.
+    full = (not a.quick and sections == {"kill", "api", "scale", "growth"} and not a.topology)
     if a.out is None:
-        a.out = (os.path.join(tempfile.gettempdir(), f"task-stop-bench-quick-{os.getuid()}.json")
-                 if a.quick else os.path.join(HERE, "results.json"))
-    if a.markdown is None and not a.quick:
+        a.out = (os.path.join(HERE, "results.json") if full else
+                 os.path.join(tempfile.gettempdir(), f"task-stop-bench-{os.getuid()}.json"))
+    if a.markdown is None and full:
         a.markdown = os.path.join(HERE, "RESULTS.md")
     base = tempfile.mkdtemp(prefix="task-stop-bench-")
-    watchdog = threading.Timer(a.max_minutes * 60, _thread.interrupt_main)
+    # SIGINT and SIGTERM end the run through the cleanup below, even when a
+    # shell started it in the background with SIGINT ignored.
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
+    watchdog = threading.Timer(a.max_minutes * 60, os.kill, (os.getpid(), signal.SIGTERM))
     watchdog.daemon = True
     watchdog.start()
-    signal.signal(signal.SIGTERM, lambda *_: _thread.interrupt_main())
     env = environment()
     env["loadavg_start"] = env.pop("loadavg")
     started = time.monotonic()
@@ -1118,9 +1221,9 @@ def main(argv=None):
             raw["kill_runs"] = kill_runs
             kill_rows = summarize_kill(plan, kill_runs)
         if "api" in sections:
-            api_rows, design = timed("api", section_api, plan, base)
+            api_rows, design, isolation = timed("api", section_api, plan, base)
             raw["api_runs"] = api_rows
-            api = summarize_api(plan, api_rows, design)
+            api = summarize_api(plan, api_rows, design, isolation)
         if "scale" in sections:
             scale = timed("scale", section_scale, plan, base)
         if "growth" in sections:
@@ -1151,7 +1254,8 @@ def main(argv=None):
                targets=target_list, elapsed_s=round(elapsed, 1))
     with open(a.out, "w") as f:
         json.dump(raw, f, indent=1, default=str)
-    text = render(plan, a.quick, env, kill_rows, api, scale, growth, target_list, elapsed) \
+    shown = os.path.relpath(a.out, ROOT) if a.out.startswith(ROOT + os.sep) else a.out
+    text = render(plan, a.quick, env, kill_rows, api, scale, growth, target_list, elapsed, shown) \
         if sections == {"kill", "api", "scale", "growth"} else None
     if text is None:
         text = f"Partial run ({', '.join(sorted(sections))}); raw figures in {a.out}\n"
@@ -1163,9 +1267,9 @@ def main(argv=None):
             text += "\n" + scale_table(plan, scale) + "\n"
         for t in target_list:
             text += f"- {'met' if t['met'] else 'missed'}: {t['target']} - {t['evidence']}\n"
-    elif a.markdown:
+    if a.markdown:
         with open(a.markdown, "w") as f:
-            f.write("## Performance\n\n" + text)
+            f.write(("## Performance\n\n" if full else "") + text)
     print(text, flush=True)
     log(f"raw figures: {a.out}" + (f"; tables: {a.markdown}" if a.markdown else ""))
     # Timing targets are reported, not enforced; a stop that is incomplete or
