@@ -747,6 +747,7 @@ class ProcessTable:
         self.latest = None
         self.scanning = False
         self.markers = {}   # read once per process: the environment is set at exec
+        self.scans = 0
 
     def snapshot(self, not_before=None):
         not_before = time.monotonic() if not_before is None else not_before
@@ -769,6 +770,7 @@ class ProcessTable:
         return snap
 
     def scan(self):
+        self.scans += 1     # under the cond's `scanning` flag: one scan at a time
         started = time.monotonic()
         procs = {}
         for name in os.listdir("/proc"):
@@ -956,10 +958,17 @@ def stop_tree(find, grace, poll=0.02, kill_wait=2.0, reap_wait=2.0, kill_all=Non
     members = {}
     killed = set()
 
-    def freeze_newcomers(look):
+    quick = find_quick or find
+
+    def remaining():
+        """The quick look while it sees something; "nothing left" only when the
+        full look agrees."""
+        return quick() or (find() if quick is not find else [])
+
+    def freeze_newcomers():
         fresh = []
         for _ in range(1000):
-            live = look()
+            live = remaining()
             new = [p for p in live if p.key not in members]
             if not new:
                 return fresh, live
@@ -969,39 +978,27 @@ def stop_tree(find, grace, poll=0.02, kill_wait=2.0, reap_wait=2.0, kill_all=Non
             fresh += new
         return fresh, live
 
-    quick = find_quick or find
     try:
-        look = quick
         while True:
-            fresh, live = freeze_newcomers(look)
+            fresh, live = freeze_newcomers()
             for p in fresh:
                 signals.send(p, signal.SIGTERM)
             for p in fresh:
                 signals.send(p, signal.SIGCONT)
-            if not live and look is not find:
-                look = find                 # confirm with the full look, at once
-                continue
             if not live or time.monotonic() >= deadline:
                 break
-            look = quick
             time.sleep(poll)
-        kill_deadline = time.monotonic() + kill_wait
-        if live and kill_all:
-            kill_all()
-        look = quick
-        while time.monotonic() < kill_deadline:
-            if not live:
-                if look is find:
-                    break
-                look = find
-                live = find()
-                continue
-            for p in live:
-                members.setdefault(p.key, p)
-                killed.add(p.key)
-                signals.send(p, signal.SIGKILL)
-            time.sleep(poll)
-            live = look()
+        if live:
+            if kill_all:
+                kill_all()
+            kill_deadline = time.monotonic() + kill_wait
+            while live and time.monotonic() < kill_deadline:
+                for p in live:
+                    members.setdefault(p.key, p)
+                    killed.add(p.key)
+                    signals.send(p, signal.SIGKILL)
+                time.sleep(poll)
+                live = remaining()
         reap_deadline = time.monotonic() + reap_wait
         while any(awaiting_reap(p) for p in members.values()):
             if time.monotonic() >= reap_deadline:
@@ -1156,6 +1153,9 @@ class Executor:
         m.declare("tree_stop_seconds", "histogram",
                   "Time to end a case's process trees, by reason: cancel, timeout, leftovers.")
         m.declare("reports_total", "counter", "Outcome reports to the collector, by outcome.")
+        m.declare("proc_scans_total", "counter",
+                  "Full scans of /proc, shared by every tree stop in progress.",
+                  gauge=lambda: PROCESS_TABLE.scans)
         m.declare("running_cases", "gauge", "Executions currently running or being cancelled.",
                   gauge=lambda: len(self.running))
         return m

@@ -106,6 +106,24 @@ def test_a_real_stop_moves_each_indicator_by_the_right_amount(
                  '{outcome="not_found"}') == 1
 
 
+def test_a_dying_tree_is_watched_in_its_cgroup_and_proc_is_scanned_once(start_executor, pid_file):
+    """While a case's tree dies the executor watches its cgroup; the whole of
+    /proc is read once, to confirm that nothing of the case is left elsewhere."""
+    ex = start_executor(name="scans")
+    if not ex.cgroups:
+        pytest.skip("no writable cgroup v2 here: every look is a /proc scan")
+    path = pid_file()
+    code, body = ex.call("POST", "/test-case-execution/execute", {
+        "taskId": "scans-1", "script": "fake_case.py",
+        "args": ["--pid-file", path, "--children", "5", "--depth", "2"]})
+    assert code == 200, body
+    wait_pid_file(path, 31)
+    before = scrape(ex)
+    code, body = ex.call("POST", "/test-case-execution/cancel/scans-1")
+    assert code == 200 and body["data"]["signalled"] == 31, body
+    assert delta(before, scrape(ex), "executor_proc_scans_total") == 1
+
+
 def test_undelivered_cancels_and_exceptions_are_counted(
         start_executor, start_collector, pid_file):
     import sqlite3
