@@ -1045,6 +1045,8 @@ MOVES = {RUNNING: (CANCELLING, SUCCESS, FAILED, TIMEOUT), CANCELLING: (CANCELLED
 # or SKIPPED when it never started (an earlier step failed, or a cancel).
 STEP_DONE = (SUCCESS, FAILED, TIMEOUT, CANCELLED, "SKIPPED")
 CLEANUP_TIMEOUT = 60.0
+ADOPTED_POLL = 0.2      # how often the runner checks a step it cannot wait for
+IDLE_LOOK = 5.0         # the longest the runner sleeps without being woken
 
 
 def make_steps(steps):
@@ -1333,12 +1335,14 @@ class Executor:
             if not units:
                 return
             now = time.time()
+            ended = False
             for unit in units:
                 if not unit.child and not unit.exited and not same_process(
                         read_proc(unit.pid), unit.pid, unit.create_time):
                     unit.exited = True      # adopted: gone, exit status unknown
                 if unit.exited:
                     self.step_exited(ex, unit)
+                    ended = True
                 elif unit.deadline and now >= unit.deadline:
                     unit.deadline = None
                     log.warning("task=%s step=%s ran past its timeoutSeconds",
@@ -1350,8 +1354,21 @@ class Executor:
                     units = [u for u in ex.running_units() if not u.step["always"]]
                 log.warning("task=%s ran past maxRuntimeSeconds", ex.task_id)
                 self.stop_units(ex, units, "timeout", TIMEOUT)
-            ex.wake.wait(0.2)
-            ex.wake.clear()
+            if not ended:       # after an exit, look again at once: the stage may be over
+                ex.wake.wait(self.until_next_look(ex, units, cleanup))
+                ex.wake.clear()
+
+    def until_next_look(self, ex, units, cleanup):
+        """How long the runner may sleep: the exit of a child of ours and a cancel
+        wake it at once, so only a time limit falling due, or a step adopted after
+        a restart (no exit status will tell us it ended), calls for a look."""
+        if any(not u.child for u in units):
+            return ADOPTED_POLL
+        due = [u.deadline for u in units if u.deadline]
+        if not cleanup and ex.deadline and ex.cancelled is None:
+            due.append(ex.deadline)
+        now = time.time()
+        return max(0.01, min([IDLE_LOOK] + [d - now for d in due]))
 
     def step_exited(self, ex, unit):
         """A step's root ended: end what it left behind, then record the step."""
