@@ -50,7 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA_PATH = os.path.join(HERE, "schema.sql")
 MARKER_ENV = "CASE_EXEC_TASK_ID"     # tells the case its taskId
 RUN_MARKER_ENV = "CASE_EXEC_RUN"     # unique per execution: how its processes are found
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # also a file name: no '..'
+TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a file name: no '..'
 MAX_BODY_BYTES = 1024 * 1024
 CONNECT_TIMEOUT = 10.0   # the design's RestTemplate numbers
 READ_TIMEOUT = 30.0
@@ -190,17 +190,24 @@ def make_bottle(name, metrics):
 def json_body(request=None):
     """The request body as a JSON object; {} when empty."""
     request = request or bottle.request
-    length = request.environ.get("CONTENT_LENGTH") or "0"
-    if not length.isdigit():
+    length = whole_number(request.environ.get("CONTENT_LENGTH") or "0")
+    if length is None:
         raise BadRequest("Content-Length must be a non-negative integer")
-    if int(length) > MAX_BODY_BYTES:
+    if length > MAX_BODY_BYTES:
         # Read (a bounded amount of) what the client is still sending, so that it
         # gets to read the 413 instead of a broken pipe.
-        stream, left = request.environ["wsgi.input"], min(int(length), 4 * MAX_BODY_BYTES)
-        while left > 0 and (chunk := stream.read(min(left, 65536))):
-            left -= len(chunk)
+        stream, left = request.environ["wsgi.input"], min(length, 4 * MAX_BODY_BYTES)
+        try:
+            while left > 0 and (chunk := stream.read(min(left, 65536))):
+                left -= len(chunk)
+        except OSError:     # it stopped sending: the answer is the same
+            pass
         raise TooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
-    raw = request.body.read(MAX_BODY_BYTES + 1)
+    try:
+        raw = request.body.read(MAX_BODY_BYTES + 1)
+    except OSError:
+        raise BadRequest(f"request body ended or stalled before its Content-Length "
+                         f"({length} bytes) arrived")
     if len(raw) > MAX_BODY_BYTES:
         raise TooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
     if not raw.strip():
@@ -215,6 +222,12 @@ def json_body(request=None):
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
+
+
+def whole_number(text):
+    """A non-negative integer written in ASCII digits, or None. (str.isdigit
+    accepts '²', which int() refuses.)"""
+    return int(text) if isinstance(text, str) and re.fullmatch(r"[0-9]{1,18}", text) else None
 
 
 def string_list(value, name, max_items=1000, max_length=32768):
@@ -244,6 +257,8 @@ def check_script(script, name="script"):
         raise BadRequest(f"'{name}' must be a non-empty string of at most 1024 characters")
     if os.path.isabs(script) or ".." in script.replace("\\", "/").split("/"):
         raise BadRequest(f"'{name}' {script!r} must be a relative path inside the cases directory")
+    if not script.endswith(".py"):
+        raise BadRequest(f"'{name}' {script!r} must be a Python script (*.py)")
     return script
 
 
@@ -305,7 +320,7 @@ def check_steps(body, prefix=""):
 
 
 def check_task_id(task_id, name="taskId"):
-    if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
+    if not isinstance(task_id, str) or not TASK_ID_RE.fullmatch(task_id):
         raise BadRequest(f"'{name}' must match {TASK_ID_RE.pattern}")
     return task_id
 
@@ -325,7 +340,8 @@ def require_token(tokens):
     configured: anyone may call, and the name is None."""
     if not tokens:
         return None
-    given = bottle.request.get_header("Authorization", "").encode()
+    # Raw from the environ (bytes as latin-1): bottle's accessor fails on non-UTF-8.
+    given = bottle.request.environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
     found = None
     for name, secret in tokens.items():
         if hmac.compare_digest(given, f"Bearer {secret}".encode()):
@@ -1024,11 +1040,13 @@ def cap_log(path, max_bytes):
     not help; after truncation its next write lands at the new, empty end.
     At most two copies per case stay on disk."""
     try:
-        if os.path.getsize(path) <= max_bytes:
+        size = os.path.getsize(path)
+        if size <= max_bytes:
             return
+        keep = max_bytes // 2       # the newest half as of this look, not what follows it
         with open(path, "rb") as src, open(path + ".1", "wb") as dst:
-            src.seek(-max_bytes // 2, os.SEEK_END)
-            dst.write(src.read())
+            src.seek(size - keep)
+            dst.write(src.read(keep))
         os.truncate(path, 0)
     except OSError:
         pass
@@ -1045,6 +1063,7 @@ MOVES = {RUNNING: (CANCELLING, SUCCESS, FAILED, TIMEOUT), CANCELLING: (CANCELLED
 # or SKIPPED when it never started (an earlier step failed, or a cancel).
 STEP_DONE = (SUCCESS, FAILED, TIMEOUT, CANCELLED, "SKIPPED")
 CLEANUP_TIMEOUT = 60.0
+STOP_SLACK = 10.0       # beyond the grace: SIGKILL, reaping and the runner closing the phase
 ADOPTED_POLL = 0.2      # how often the runner checks a step it cannot wait for
 IDLE_LOOK = 5.0         # the longest the runner sleeps without being woken
 
@@ -1056,7 +1075,8 @@ def make_steps(steps):
              "timeoutSeconds": s.get("timeoutSeconds",
                                      CLEANUP_TIMEOUT if s.get("always") else None),
              "state": "PENDING", "pid": None, "createTime": None, "cgroup": None,
-             "exitCode": None, "startedAt": None, "endedAt": None, "note": None}
+             "exitCode": None, "startedAt": None, "endedAt": None, "note": None,
+             "unended": False}
             for i, s in enumerate(steps)]
 
 
@@ -1089,6 +1109,7 @@ class Unit:
         self.exited = False
         self.deadline = None
         self.known = {}
+        self.ended_by_cancel = False    # a cancel ended its whole tree
 
     def find(self):
         return case_finder(self.marker, self.pid, self.create_time, self.known, self.cgroup)
@@ -1114,7 +1135,10 @@ class Execution:
         self.units = {}             # step index -> Unit, while it runs
         self.wake = threading.Event()
         self.stop_lock = threading.Lock()
+        self.save_lock = threading.RLock()     # see Executor.save_steps
+        self.stopping = False       # a cancel's stop is under way; another cancel joins it
         self.last_stop = None
+        self.unended = {}           # step index -> Unit a cancel could not end completely
         self.phase_changed = threading.Condition(self.lock)
 
     def running_units(self):
@@ -1295,9 +1319,13 @@ class Executor:
                  step["script"], step["args"])
         return unit
 
-    def save_steps(self, ex):
-        self.db.run("UPDATE execution SET steps = ? WHERE task_id = ?",
-                    (json.dumps(ex.steps), ex.task_id))
+    def save_steps(self, ex, conn=None):
+        """Write the steps as they are now. The caller of a transaction takes
+        ex.save_lock before it (the one order), so a state written late never
+        overwrites a newer one."""
+        with ex.save_lock:
+            (conn or self.db.conn()).execute("UPDATE execution SET steps = ? WHERE task_id = ?",
+                                             (json.dumps(ex.steps), ex.task_id))
 
     # -- the runner: steps in order, cleanup always, time limits -----------------
 
@@ -1383,6 +1411,9 @@ class Executor:
                     note = f"ended {result.signalled} leftover process(es)"
                     log.warning("task=%s step=%s exited but left processes behind: %s",
                                 ex.task_id, step["index"], result.as_dict())
+            # The watcher caps logs twice a second; a step that ended between
+            # two looks is capped here.
+            cap_log(self.log_path(ex.task_id, step["index"]), self.config.log_max_bytes)
             code = unit.exit_code
             if step["state"] == RUNNING:
                 if not unit.child and code is None:
@@ -1419,21 +1450,42 @@ class Executor:
         if any(s["always"] and s["state"] != SUCCESS for s in steps):
             notes.append("cleanup " + ", ".join(f"step {s['index']} {s['state']}"
                                                  for s in steps if s["always"]))
-        if self.cgroups:
-            cgroup_remove(os.path.join(self.cgroups, ex.task_id))
-        with self.db.transaction() as c:
-            c.execute("UPDATE execution SET steps = ? WHERE task_id = ?",
-                      (json.dumps(steps), ex.task_id))
-            moved = self.move(c, ex.task_id, to, exit_code=code, finished_at=time.time(),
-                              note="; ".join(notes) or None)
-            if moved:
-                self.queue_report(c, ex.task_id)
+        if to == CANCELLED and self.still_unended(ex):
+            # Not cleanly cancelled: it stays CANCELLING, and the next cancel (the
+            # collector keeps retrying) tries again to end what is left.
+            log.error("task=%s stays CANCELLING: processes of step(s) %s could not be ended",
+                      ex.task_id, sorted(ex.unended))
+            self.save_steps(ex)
+            moved = False
+        else:
+            if self.cgroups:
+                cgroup_remove(os.path.join(self.cgroups, ex.task_id))
+            with ex.save_lock, self.db.transaction() as c:
+                self.save_steps(ex, c)
+                moved = self.move(c, ex.task_id, to, exit_code=code, finished_at=time.time(),
+                                  note="; ".join(notes) or None)
+                if moved:
+                    self.queue_report(c, ex.task_id)
         if moved:
+            self.report_due.set()   # after the commit, or the reporter finds nothing yet
             log.info("task=%s finished %s exit=%s", ex.task_id, to, code)
             self.forget(ex)
         with ex.lock:       # only now: a cancel waiting on this sees a final status
             ex.phase = "done"
             ex.phase_changed.notify_all()
+
+    def still_unended(self, ex):
+        """Whether anything a cancel could not end is still alive (a full look:
+        this is the rare path of an unkillable process)."""
+        with ex.lock:
+            units = list(ex.unended.values())
+        alive = [u for u in units if u.find()()]
+        with ex.lock:
+            for u in units:
+                if u not in alive:
+                    ex.unended.pop(u.step["index"], None)
+                    u.step["unended"] = False
+        return bool(alive)
 
     # -- cancel ----------------------------------------------------------------
 
@@ -1452,31 +1504,34 @@ class Executor:
         log.info("task=%s cancel requested", task_id)
         with ex.lock:
             phase = ex.phase
-            if phase == "done":
-                units = "done"
-            elif phase == "normal" and ex.cancelled is None:
-                ex.cancelled = CANCELLED
-                units = [u for u in ex.running_units() if not u.step["always"]]
-            elif phase == "cleanup" and not ex.cleanup_cancelled:
-                ex.cleanup_cancelled = True
-                units = ex.running_units()
-            else:
-                units = None        # a cancel of this phase is already under way
-        if units == "done":
+            units = None if ex.stopping else self.units_to_cancel(ex)
+            ex.stopping = ex.stopping or bool(units)
+        if not units and phase == "done":
             self.metrics.inc("cancel_requests_total", outcome="not_found")
             raise NotFound("task not found or already finished", {"taskId": task_id})
         with self.db.transaction() as c:
             self.move(c, task_id, CANCELLING)
-        if units is None:
+        if not units:
+            # A stop of this phase is under way, or done and the runner is closing
+            # the phase: join it and answer with its result.
             with ex.lock:
-                ex.phase_changed.wait_for(lambda: ex.phase != phase or ex.last_stop, 60)
+                ex.phase_changed.wait_for(lambda: not ex.stopping and (
+                    ex.phase != phase or (ex.last_stop and ex.last_stop.survivors)),
+                    ex.grace + STOP_SLACK)
             result = ex.last_stop or StopResult()
         else:
-            result = self.stop_units(ex, units, "cancel", CANCELLED)
-            ex.last_stop = result
-            if not result.survivors:
+            try:
+                result = self.stop_units(ex, units, "cancel", CANCELLED)
+            finally:
+                with ex.lock:
+                    ex.stopping = False
+                    ex.phase_changed.notify_all()
+            self.note_unended(ex, units, result)
+            if not result.survivors and phase == "done":
+                self.finish(ex)     # what an earlier cancel could not end is gone at last
+            elif not result.survivors:
                 with ex.lock:     # answer once the cancelled phase is over
-                    ex.phase_changed.wait_for(lambda: ex.phase != phase, ex.grace + 10)
+                    ex.phase_changed.wait_for(lambda: ex.phase != phase, ex.grace + STOP_SLACK)
         data = dict(result.as_dict(), taskId=task_id)
         self.db.run("UPDATE execution SET stop_result = ? WHERE task_id = ?",
                     (json.dumps(result.as_dict()), task_id))
@@ -1486,6 +1541,39 @@ class Executor:
                                 data)
         self.metrics.inc("cancel_requests_total", outcome="cancelled")
         return data
+
+    def units_to_cancel(self, ex):
+        """The trees a cancel must end now (the caller holds ex.lock): the running
+        steps of the phase, but for those a cancel already ended completely, and
+        whatever an earlier cancel could not end. Marks the phase as cancelled."""
+        if ex.phase == "normal":
+            ex.cancelled = ex.cancelled or CANCELLED
+            units = [u for u in ex.running_units() if not u.step["always"]]
+        elif ex.phase == "cleanup":
+            ex.cleanup_cancelled = True
+            units = ex.running_units()
+        else:
+            units = []
+        units = [u for u in units if not u.ended_by_cancel]
+        return units + [u for u in ex.unended.values() if u not in units]
+
+    def note_unended(self, ex, units, result):
+        """Remember the trees a cancel could not end completely, also across a
+        restart: the execution stays CANCELLING and the next cancel tries again."""
+        with ex.lock:
+            changed = False
+            for u in units:
+                u.ended_by_cancel = not result.survivors
+                changed |= u.step.get("unended", False) != bool(result.survivors)
+                u.step["unended"] = bool(result.survivors)
+                if result.survivors:
+                    ex.unended[u.step["index"]] = u
+                else:
+                    ex.unended.pop(u.step["index"], None)
+            ex.last_stop = result
+            ex.phase_changed.notify_all()
+        if changed:
+            self.save_steps(ex)
 
     def stop_units(self, ex, units, reason, state):
         """End some steps' trees under one grace; they are recorded as `state`."""
@@ -1567,16 +1655,24 @@ class Executor:
                 ex.wake.set()
 
     def watch_forever(self):
-        """Keep case logs within their size, and now and then remove old logs."""
+        """Keep case logs within their size, remember the markers of processes of
+        cases without a cgroup, and now and then remove old logs."""
         last_prune = time.monotonic()
         while not self.stopping.wait(0.5):
             with self.lock:
                 running = list(self.running.values())
+            uncontained = False
             for ex in running:
                 for step in ex.steps:
                     if step["state"] == RUNNING:
                         cap_log(self.log_path(ex.task_id, step["index"]),
                                 self.config.log_max_bytes)
+                        uncontained |= not step["cgroup"]
+            if uncontained:
+                # Without a cgroup the run marker finds a case's escaped processes,
+                # and a process may clear its environment: a scan remembers the
+                # marker of every process it sees (ProcessTable.markers).
+                PROCESS_TABLE.snapshot()
             if time.monotonic() - last_prune > 600:
                 self.prune_logs()
                 last_prune = time.monotonic()
@@ -1594,13 +1690,17 @@ class Executor:
             if row["status"] == CANCELLING:
                 ex.cancelled = CANCELLED
             for step in steps:
-                if step["state"] in (RUNNING, CANCELLED, TIMEOUT) and step["pid"] \
-                        and step["endedAt"] is None:
+                running = step["state"] in (RUNNING, CANCELLED, TIMEOUT) and step["pid"] \
+                    and step["endedAt"] is None
+                if running or step.get("unended"):
                     unit = Unit(step, step["marker"], step["pid"], step["createTime"],
                                 step["cgroup"], child=False)
                     if step["timeoutSeconds"]:
                         unit.deadline = step["startedAt"] + step["timeoutSeconds"]
-                    ex.units[step["index"]] = unit
+                    if running:
+                        ex.units[step["index"]] = unit
+                    if step.get("unended"):
+                        ex.unended[step["index"]] = unit
             if any(s["always"] and s["state"] != "PENDING" for s in steps):
                 ex.phase = "cleanup"
             with self.lock:
@@ -1608,13 +1708,25 @@ class Executor:
             log.info("task=%s adopted root pid=%s status=%s steps running=%s", ex.task_id,
                      row["root_pid"], row["status"], sorted(ex.units))
             self.in_thread(self.run_steps, ex)
+            cut_short = ex.phase == "normal" and any(
+                not u.step["always"] for u in ex.running_units())
+            if row["status"] == CANCELLING and (cut_short or ex.unended):
+                self.in_thread(self.resume_cancel, ex.task_id)
+
+    def resume_cancel(self, task_id):
+        """A cancel cut short by the executor's own death: finish it now rather
+        than at the caller's next retry."""
+        try:
+            result = self.cancel(task_id)
+            log.info("task=%s cancel resumed after a restart: %s", task_id, result)
+        except ApiError as e:
+            log.warning("task=%s cancel resumed after a restart: %s", task_id, e.message)
 
     # -- reports to the collector -------------------------------------------------
 
     def queue_report(self, conn, task_id):
         conn.execute("UPDATE execution SET report_state = 'PENDING' WHERE task_id = ?"
                      " AND report_url IS NOT NULL", (task_id,))
-        self.report_due.set()
 
     def report_forever(self):
         """Deliver outcomes to the collector, retrying with capped backoff until it answers."""
@@ -1794,16 +1906,15 @@ def make_app(config):
         check_task_id(task_id)
         query = bottle.request.query
         offset = query.get("offset")
-        limit = query.get("limit", "65536")
-        if offset is not None and not offset.isdigit():
+        limit = whole_number(query.get("limit", "65536"))
+        step = whole_number(query.get("step", "0"))
+        if offset is not None and whole_number(offset) is None:
             raise BadRequest("'offset' must be a non-negative integer")
-        if not limit.isdigit() or not 1 <= int(limit) <= MAX_BODY_BYTES:
+        if limit is None or not 1 <= limit <= MAX_BODY_BYTES:
             raise BadRequest(f"'limit' must be an integer from 1 to {MAX_BODY_BYTES}")
-        step = query.get("step", "0")
-        if not step.isdigit():
+        if step is None:
             raise BadRequest("'step' must be a non-negative integer")
-        data = service.read_log(task_id, None if offset is None else int(offset), int(limit),
-                                int(step))
+        data = service.read_log(task_id, whole_number(offset), limit, step)
         return envelope(200, "ok", data)
 
     @app.get("/metrics")

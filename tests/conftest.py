@@ -39,7 +39,7 @@ def start_executor(tmp_path):
     started = []
 
     def start(host="127.0.0.1", grace=1.0, args=(), port=None, name=None, db=None,
-              cases_dir=ROOT, env=None):
+              cases_dir=ROOT, env=None, preexec=None):
         name = name or f"executor{len(started)}"
         owner = f"{TEST_RUN}-{os.path.basename(str(tmp_path))}-{name}"
         base = tmp_path / name
@@ -49,7 +49,8 @@ def start_executor(tmp_path):
             ["--cases-dir", str(cases_dir), "--db", db or str(base / "executor.db"),
              "--log-dir", str(base / "logs"), "--work-dir", str(base / "work"),
              "--grace-seconds", str(grace), *args],
-            str(base / "service.log"), env={"CASE_TEST_OWNER": owner, **(env or {})})
+            str(base / "service.log"), env={"CASE_TEST_OWNER": owner, **(env or {})},
+            preexec=preexec)
         svc.owner = owner
         svc.db = db or str(base / "executor.db")
         started.append(svc)

@@ -82,11 +82,12 @@ def port_or_free(host, port):
 class Service:
     """One real executor.py or collector.py process on a loopback address."""
 
-    def __init__(self, script, host, port, args, log_path, env=None):
+    def __init__(self, script, host, port, args, log_path, env=None, preexec=None):
         self.script, self.host, self.port = script, host, port
         self.address = f"{host}:{port}"
         self.args, self.log_path = args, log_path
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.preexec = preexec      # runs in the child before exec (e.g. drop a capability)
         self.proc = None
 
     def start(self, timeout=15.0):
@@ -97,7 +98,7 @@ class Service:
                 [sys.executable, os.path.join(ROOT, self.script), "--host", self.host,
                  "--port", str(self.port), *self.args],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT if log else None,
-                stdin=subprocess.DEVNULL)
+                stdin=subprocess.DEVNULL, preexec_fn=self.preexec)
         finally:
             if log:
                 log.close()
@@ -281,6 +282,15 @@ def closed_address(host="127.0.0.1"):
 
 
 # -- the collector's API, as the tests and the demo use it ----------------------
+
+def drop_cap_kill():
+    """Runs in a child before exec: without CAP_KILL, root may not signal
+    another user's process, which is a real 'permission denied'."""
+    import ctypes
+    PR_CAPBSET_DROP, CAP_KILL = 24, 5
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_CAPBSET_DROP, CAP_KILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
 
 def fake_case(path, *args):
     return {"script": "fake_case.py", "args": ["--pid-file", path, *args]}

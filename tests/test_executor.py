@@ -11,8 +11,8 @@ import uuid
 import psutil
 import pytest
 
-from support import (ROOT, assert_all_gone, read_pid_file, running, wait_gone, wait_pid_file,
-                     wait_until)
+from support import (ROOT, assert_all_gone, drop_cap_kill, read_pid_file, running, wait_gone,
+                     wait_pid_file, wait_until)
 
 GRACE = 1.0
 
@@ -302,15 +302,6 @@ def test_execute_without_task_id_generates_one(start_executor):
                message="case to end")
 
 
-def drop_cap_kill():
-    """Runs in the killer's child before exec: without CAP_KILL, root may not
-    signal another user's process, which is a real 'permission denied'."""
-    import ctypes
-    PR_CAPBSET_DROP, CAP_KILL = 24, 5
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_CAPBSET_DROP, CAP_KILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a process as another user")
 def test_stop_tree_reports_a_process_it_cannot_signal_as_a_survivor():
     """The design's 'process cannot be terminated': stop_tree, without the right
@@ -334,7 +325,8 @@ def test_stop_tree_reports_a_process_it_cannot_signal_as_a_survivor():
         victim.wait()
 
 
-ESCAPE = '''"""Leaves every heuristic behind: double fork, new session, empty environment."""
+ESCAPE = '''"""Leaves every heuristic behind: double fork, new session, empty environment
+(after argv[3] seconds, the time a scan has to notice it)."""
 import os, sys, time
 if os.fork() == 0:
     os.setsid()
@@ -342,6 +334,7 @@ if os.fork() == 0:
         with open(sys.argv[1] + ".tmp", "w") as f:
             f.write(str(os.getpid()))
         os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+        time.sleep(float(sys.argv[3]))
         os.execvp("env", ["env", "-i", "/bin/sleep", "300"])
     os._exit(0)
 time.sleep(float(sys.argv[2]))
@@ -350,25 +343,28 @@ time.sleep(float(sys.argv[2]))
 
 @pytest.fixture
 def run_escape(start_executor, tmp_path):
-    """run_escape(task_id, root_seconds) -> (executor, escapee identity): a case
-    whose grandchild leaves its tree, session and environment."""
+    """run_escape(task_id, root_seconds, delay=0, cgroups=True) -> (executor,
+    escapee identity): a case whose grandchild leaves its tree, session and
+    (after `delay` seconds) environment."""
     cases = tmp_path / "escape-cases"
     cases.mkdir()
     (cases / "escape.py").write_text(ESCAPE)
-    ex = start_executor(cases_dir=cases)
-    if not ex.cgroups:
-        pytest.skip("no writable cgroup v2 here: such an escapee is out of reach (README)")
 
-    def run(task_id, root_seconds):
+    def run(task_id, root_seconds, delay=0.0, cgroups=True):
+        ex = start_executor(cases_dir=cases, name=f"ex-{task_id}",
+                            args=[] if cgroups else ["--cgroups", "off"])
+        if cgroups and not ex.cgroups:
+            pytest.skip("no writable cgroup v2 here: such an escapee is out of reach (README)")
         marker = str(tmp_path / f"{task_id}.pid")
         code, body = ex.call("POST", "/test-case-execution/execute", {
-            "taskId": task_id, "script": "escape.py", "args": [marker, str(root_seconds)]})
+            "taskId": task_id, "script": "escape.py",
+            "args": [marker, str(root_seconds), str(delay)]})
         assert code == 200
         root_pid = body["data"]["pid"]
         pid = int(wait_until(lambda: os.path.exists(marker) and open(marker).read(), 10, 0.02,
                              "the escapee"))
         p = psutil.Process(pid)
-        wait_until(lambda: p.name() == "sleep" and p.ppid() != root_pid, 5, 0.02,
+        wait_until(lambda: p.name() == "sleep" and p.ppid() != root_pid, 5 + delay, 0.02,
                    "the escapee to be orphaned and exec sleep")
         assert "CASE_EXEC_RUN" not in p.environ() and os.getsid(pid) != root_pid
         return ex, (pid, p.create_time())
@@ -381,6 +377,17 @@ def test_a_process_that_escapes_session_tree_and_environment_is_still_ended(run_
     assert code == 200 and body["data"]["survivors"] == 0
     assert_all_gone([escapee])
     assert not os.path.exists(os.path.join(ex.cgroups, "escape-1"))
+
+
+def test_without_cgroups_an_escapee_that_clears_its_environment_later_is_still_ended(
+        run_escape):
+    """Without a cgroup the run marker is what finds an escapee; the executor
+    looks at every process twice a second while such a case runs, so one that
+    clears its environment later than that is still known by its marker."""
+    ex, escapee = run_escape("escape-3", 300, delay=1.5, cgroups=False)
+    code, body = cancel(ex, "escape-3")
+    assert code == 200 and body["data"]["survivors"] == 0, body
+    assert_all_gone([escapee])
 
 
 def test_an_escapee_left_behind_by_a_finished_case_is_ended(run_escape):

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from support import (SilentListener, assert_all_gone, create, detail, fake_case, read_pid_file,
-                     running, start, stop, wait_gone, wait_pid_file, wait_task, wait_until)
+from support import (SilentListener, assert_all_gone, create, detail, drop_cap_kill, fake_case,
+                     read_pid_file, running, start, stop, wait_gone, wait_pid_file, wait_task,
+                     wait_until)
 
 
 def execution_ids(task):
@@ -187,6 +188,91 @@ def test_executor_killed_and_restarted_can_still_cancel_the_whole_tree(
     assert code == 200, resp
     assert resp["data"]["survivors"] == 0 and resp["data"]["killed"] == 8
     wait_gone(read_pid_file(path), 10)
+
+
+def test_a_cancel_cut_short_by_the_executors_death_is_finished_when_it_restarts(
+        start_executor, pid_file):
+    lab = start_executor(grace=3.0)
+    path = pid_file()
+    code, resp = lab.call("POST", "/test-case-execution/execute", {
+        "taskId": "cut-short", "script": "fake_case.py",
+        "args": ["--pid-file", path, "--children", "3", "--ignore-sigterm"]})
+    assert code == 200, resp
+    entries = wait_pid_file(path, 4)
+
+    def cancel_in_grace():
+        try:
+            lab.call("POST", "/test-case-execution/cancel/cut-short", timeout=30)
+        except OSError:
+            pass            # the executor dies under it
+    caller = threading.Thread(target=cancel_in_grace, daemon=True)
+    caller.start()
+    wait_until(lambda: lab.call("GET", "/test-case-execution/status/cut-short")[1]["data"]
+               ["status"] == "CANCELLING", 5, 0.05, "the cancel to be under way")
+    lab.kill9()
+    caller.join(10)
+    assert sum(running(*e) for e in entries) == 4, "SIGTERM is ignored: all still run"
+    lab.start()
+    # Nobody asks again: the restarted executor finishes the cancel by itself.
+    wait_gone(entries, 3.0 + 10)
+    wait_until(lambda: lab.call("GET", "/test-case-execution/status/cut-short")[1]["data"]
+               ["status"] == "CANCELLED", 10, 0.05, "CANCELLED")
+    assert lab.call("POST", "/test-case-execution/cancel/cut-short")[0] == 404
+
+
+UNKILLABLE = '''"""A child that becomes another user: an executor without CAP_KILL may not signal it."""
+import os, sys, time
+child = os.fork()
+if child == 0:
+    os.setuid(65534)
+    time.sleep(120)
+    os._exit(0)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(child))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(120)
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a process as another user")
+def test_a_process_that_cannot_be_ended_keeps_the_cancel_open_until_it_is_gone(
+        start_executor, start_collector, tmp_path):
+    """The design's 'process cannot be terminated', end to end: the cancel says
+    so (500, its pid), the execution is not marked cancelled, the collector
+    keeps retrying, and the stop completes once the process is gone."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "unkillable.py").write_text(UNKILLABLE)
+    lab = start_executor(host="127.0.0.2", name="lab", grace=0.3, cases_dir=str(cases),
+                         args=["--cgroups", "off"], preexec=drop_cap_kill)
+    col = start_collector([lab.address])
+    pid_path = tmp_path / "victim.pid"
+    task = create(col, [{"script": "unkillable.py", "args": [str(pid_path)]}])
+    start(col, task["id"])
+    victim = int(wait_until(lambda: pid_path.exists() and pid_path.read_text(), 10, 0.05,
+                            "the victim's pid"))
+    try:
+        code, body = stop(col, task["id"])
+        assert code == 200, body
+        inst = body["data"]["instances"][0]
+        assert inst["status"] == "STOPPED" and inst["cancel"]["state"] == "PENDING"
+        execution = inst["executionTaskId"]
+        wait_until(lambda: "cancel incomplete" in (
+            detail(col, task["id"])["instances"][0]["cancel"]["error"] or ""), 15, 0.1,
+            "the executor's answer: cancel incomplete")
+        st = lambda: lab.call("GET", f"/test-case-execution/status/{execution}")[1]["data"]  # noqa: E731
+        wait_until(lambda: st()["steps"][0]["endedAt"], 10, 0.05, "the root to be reaped")
+        assert st()["status"] == "CANCELLING" and st()["steps"][0]["unended"]
+        assert st()["lastStop"]["survivorPids"] == [victim]
+        # The collector keeps trying; each attempt is an honest 500 while it lives.
+        wait_until(lambda: detail(col, task["id"])["instances"][0]["cancel"]["attempts"] >= 3,
+                   15, 0.1, "retries")
+        assert detail(col, task["id"])["stopConfirmedAt"] is None
+    finally:
+        os.kill(victim, signal.SIGKILL)     # we still may
+    wait_until(lambda: detail(col, task["id"])["stopConfirmedAt"], 15, 0.1, "the stop to complete")
+    assert detail(col, task["id"])["instances"][0]["cancel"]["state"] == "DELIVERED"
+    wait_until(lambda: st()["status"] == "CANCELLED", 10, 0.05, "CANCELLED")
 
 
 def test_case_that_ended_while_the_executor_was_down_is_reported(

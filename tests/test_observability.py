@@ -238,6 +238,31 @@ def test_a_chatty_case_cannot_fill_the_disk(start_executor, tmp_path):
     assert body["data"]["olderCopy"] is True
 
 
+FLOOD = '''import os, sys
+block = b"x" * 1048575 + b"\\n"
+for _ in range(int(sys.argv[1])):
+    os.write(1, block)
+'''
+
+
+def test_a_case_that_floods_its_log_leaves_at_most_the_cap(start_executor, tmp_path):
+    """Faster than the watcher looks: the copy holds the newest half of the cap,
+    and the log itself is capped when the step ends."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "flood.py").write_text(FLOOD)
+    cap = 1_000_000
+    lab = start_executor(cases_dir=cases, args=["--log-max-bytes", str(cap)])
+    code, body = lab.call("POST", "/test-case-execution/execute",
+                          {"taskId": "flood", "script": "flood.py", "args": ["200"]})
+    assert code == 200, body
+    wait_until(lambda: lab.call("GET", "/test-case-execution/status/flood")[1]["data"]
+               ["status"] == "SUCCESS", 30, 0.05, "the flood to end")
+    log = tmp_path / "executor0" / "logs" / "flood.log"
+    assert os.path.getsize(log) <= cap
+    assert os.path.getsize(f"{log}.1") <= cap // 2
+
+
 def test_old_logs_of_finished_cases_are_removed_after_retention(start_executor, pid_file,
                                                                 tmp_path):
     lab = start_executor(args=["--log-retention-days", "1"])

@@ -43,7 +43,7 @@ def test_executor_with_a_token_refuses_callers_without_it(start_executor, pid_fi
     ex = start_executor(env={"CASE_EXEC_TOKEN": TOKEN})
     path = pid_file()
     execute = {"taskId": "guarded", "script": "fake_case.py", "args": ["--pid-file", path]}
-    for token in (None, "wrong", TOKEN + "x", ""):
+    for token in (None, "wrong", TOKEN + "x", "", "\xff\xfe"):
         for method, route, body in [("POST", "/test-case-execution/execute", execute),
                                     ("POST", "/test-case-execution/cancel/guarded", None),
                                     ("GET", "/test-case-execution/status/guarded", None),
@@ -204,6 +204,13 @@ EXECUTOR_BAD = [
     ("GET", "/test-case-execution/log/unknown", None, 404, "not found"),
     ("GET", "/test-case-execution/log/keep?offset=-1", None, 400, "offset"),
     ("GET", "/test-case-execution/log/keep?limit=0", None, 400, "limit"),
+    ("GET", "/test-case-execution/log/keep?offset=%B2", None, 400, "offset"),    # '²'.isdigit()
+    ("GET", "/test-case-execution/log/keep?limit=%B2", None, 400, "limit"),
+    ("GET", "/test-case-execution/log/keep?step=%C2%B2", None, 400, "step"),
+    ("POST", "/test-case-execution/execute", b'{"script": "fake_case.py", "taskId": "nl\\n"}',
+     400, "taskId"),
+    ("POST", "/test-case-execution/execute", b'{"script": "cases/README.md"}', 400,
+     "Python script"),
     ("POST", "/test-case-execution/cancel/%2e%2e", None, 400, "taskId"),
     ("POST", "/test-case-execution/cancel/a%20b", None, 400, "taskId"),
     ("GET", "/test-case-execution/status/%C3%A9t%C3%A9", None, 400, "taskId"),
@@ -248,29 +255,29 @@ COLLECTOR_BAD = [
      "relative path"),
     ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"script": "a/../../b"}]}', 400,
      "relative path"),
-    ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"script": "a", "args": [1]}]}',
+    ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"script": "a.py", "args": [1]}]}',
      400, "cases[0].args"),
-    ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"script": "a"}], "executors": []}',
+    ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"script": "a.py"}], "executors": []}',
      400, "'executors'"),
     ("POST", "/api/collect-task",
-     b'{"name": "x", "cases": [{"script": "a"}], "executors": ["h:0"]}', 400, "port 1-65535"),
+     b'{"name": "x", "cases": [{"script": "a.py"}], "executors": ["h:0"]}', 400, "port 1-65535"),
     ("POST", "/api/collect-task",
-     b'{"name": "x", "cases": [{"script": "a"}], "executors": ["h:99999"]}', 400, "port"),
+     b'{"name": "x", "cases": [{"script": "a.py"}], "executors": ["h:99999"]}', 400, "port"),
     ("POST", "/api/collect-task",
-     b'{"name": "x", "cases": [{"script": "a"}], "executors": ["evil.com/x?:80"]}', 400,
+     b'{"name": "x", "cases": [{"script": "a.py"}], "executors": ["evil.com/x?:80"]}', 400,
      "host:port"),
     ("POST", "/api/collect-task",
-     b'{"name": "x", "cases": [{"script": "a"}], "executors": ["h@x:80"]}', 400, "host:port"),
+     b'{"name": "x", "cases": [{"script": "a.py"}], "executors": ["h@x:80"]}', 400, "host:port"),
     ("POST", "/api/collect-task",
-     b'{"name": "x", "cases": [{"script": "a"}], "executors": [8081]}', 400, "host:port"),
+     b'{"name": "x", "cases": [{"script": "a.py"}], "executors": [8081]}', 400, "host:port"),
     ("POST", "/api/collect-task", BIG, 413, "larger than"),
     ("POST", "/api/collect-task", b"[" * 20000 + b"]" * 20000, 400, "nested too deeply"),
-    ("POST", "/api/collect-task", b'{"name": "\\ud800", "cases": [{"script": "a"}]}', 400,
+    ("POST", "/api/collect-task", b'{"name": "\\ud800", "cases": [{"script": "a.py"}]}', 400,
      "not valid JSON"),
     ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"script": "' + b"s" * 2000 + b'"}]}',
      400, "at most 1024"),
     ("POST", "/api/collect-task",
-     b'{"name": "x", "cases": [{"script": "a"}], "executors": ["127.0.0.9:1"]}', 400,
+     b'{"name": "x", "cases": [{"script": "a.py"}], "executors": ["127.0.0.9:1"]}', 400,
      "not one of this collector's"),
     ("GET", "/api/collect-task?limit=-1", None, 400, "limit"),
     ("GET", "/api/collect-task?limit=abc", None, 400, "limit"),
@@ -358,6 +365,9 @@ def test_raw_http_garbage_gets_an_envelope(start_executor, start_collector):
     assert_envelope(body, 400)
     code, body = http_json(ex.address, "POST", "/test-case-execution/execute", raw=b"{}",
                            headers={"Content-Length": "abc"})
+    assert code == 400 and "Content-Length" in body["message"]
+    code, body = http_json(ex.address, "POST", "/test-case-execution/execute", raw=b"{}",
+                           headers={"Content-Length": "\xb2"})
     assert code == 400 and "Content-Length" in body["message"]
     task = create(col, [{"script": "fake_case.py"}])
     code, body = http_json(col.address, "POST", f"/api/collect-task/{task['id']}/stop",
