@@ -39,10 +39,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Config and defaults ##########################################################
 ###############################################################################
 
+# Always used with fullmatch: `$` would also match before a trailing newline.
 EXECUTOR_ADDRESS_RE = re.compile(
-    r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([0-9]{1,5})$")
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([0-9]{1,5})")
 MAX_CASES = 1000
 MAX_NAME = 200
+MAX_REPORT_STEPS = 50           # an execution has at most 50 steps (check_steps)
 
 
 @dataclasses.dataclass
@@ -59,6 +61,7 @@ class CollectorConfig:
     token: str = ""               # shared with executors: sent to them, required on reports
     api_tokens: dict = dataclasses.field(default_factory=dict)  # name -> secret, for the API
     lane_workers: int = 16        # calls in flight to one executor at a time
+    max_grace_seconds: float = 60.0   # keep at most the executors' own --max-grace-seconds
 
 
 ###############################################################################
@@ -242,8 +245,10 @@ class Collector:
                                  "or 'steps'")
             # The executor's rules, checked here so a bad case never becomes a row.
             steps = check_steps(case, f"cases[{i}].")
+            # A grace beyond what executors accept would make a task that fails at start.
             limits = {k: seconds(case.get(k), f"cases[{i}].{k}", maximum, zero_ok=zero_ok)
-                      for k, maximum, zero_ok in (("graceSeconds", 3600, True),
+                      for k, maximum, zero_ok in (("graceSeconds",
+                                                   self.config.max_grace_seconds, True),
                                                   ("maxRuntimeSeconds", 7 * 86400, False))}
             specs.append({"steps": steps, **{k: v for k, v in limits.items() if v is not None}})
         executors = body.get("executors", self.config.executors)
@@ -467,8 +472,7 @@ class Collector:
             raise BadRequest("'executionTaskId' must be a string")
         note = body.get("note")
         note = note[:2000] if isinstance(note, str) else None
-        steps = body.get("steps")
-        steps = json.dumps(steps)[:100000] if isinstance(steps, list) else None
+        steps = report_steps(body.get("steps"))
         if status == "TIMEOUT":
             note = "timeout" + (f": {note}" if note else "")
         with self.db.transaction() as c:
@@ -481,9 +485,12 @@ class Collector:
             to = {"CANCELLED": STOPPED, "TIMEOUT": FAILED}.get(status, status)
             changed = move_instance(c, inst, to, exit_code=exit_code,
                                     finished_at=time.time(), error=note)
-            # Whatever the instance's state, keep what the executor says of each step.
-            c.execute("UPDATE test_case_execution_instance SET steps = ? WHERE id = ?",
-                      (steps, instance_id))
+            # Whatever the instance's state, keep what the executor says of each step
+            # (a cleanup step's outcome after a stop); a report without steps keeps
+            # the ones an earlier report gave.
+            if steps is not None:
+                c.execute("UPDATE test_case_execution_instance SET steps = ? WHERE id = ?",
+                          (steps, instance_id))
         if changed:
             log.info("task=%s instance=%s reported %s exit=%s", inst["collect_task_id"],
                      instance_id, to, exit_code)
@@ -589,8 +596,22 @@ def public_instance(i):
     }
 
 
+def report_steps(steps):
+    """A report's steps as the JSON text to store, or None when it carries none.
+
+    Stored whole (the request body is capped already): a cut would store
+    invalid JSON, and every read of the task would fail on it from then on."""
+    if steps is None:
+        return None
+    if (not isinstance(steps, list) or len(steps) > MAX_REPORT_STEPS
+            or not all(isinstance(s, dict) for s in steps)):
+        raise BadRequest(f"'steps' must be null or a list of at most {MAX_REPORT_STEPS} "
+                         "objects")
+    return json.dumps(steps)
+
+
 def check_executor_address(address):
-    m = EXECUTOR_ADDRESS_RE.match(address) if isinstance(address, str) else None
+    m = EXECUTOR_ADDRESS_RE.fullmatch(address) if isinstance(address, str) else None
     if not m or not 1 <= int(m.group(1)) <= 65535:
         raise BadRequest(f"executor address {address!r} must be host:port with a port 1-65535")
     return address
@@ -704,6 +725,9 @@ def parse_args(argv, defaults=CollectorConfig()):
     p.add_argument("--lane-workers", type=int, default=defaults.lane_workers,
                    help="calls in flight to one executor at a time (default 16); each "
                         "executor has its own, so a hung one never holds up the others")
+    p.add_argument("--max-grace-seconds", type=float, default=defaults.max_grace_seconds,
+                   help="the largest graceSeconds a case may ask for (default 60); keep it "
+                        "at most the executors' own --max-grace-seconds")
     p.add_argument("--advertise", default="",
                    help="host:port executors use to reach this collector (default host:port)")
     p.add_argument("--token", default=env(TOKEN_ENV, ""),
@@ -726,15 +750,19 @@ def parse_args(argv, defaults=CollectorConfig()):
                 "report back to")
     if a.lane_workers < 1:
         p.error("--lane-workers must be at least 1")
+    if not 0 <= a.max_grace_seconds < float("inf"):
+        p.error("--max-grace-seconds must be a number of seconds, 0 or more")
     executors = a.executor or [e for e in env("COLLECTOR_EXECUTORS", "").split(",") if e]
     for address in executors:
-        if not EXECUTOR_ADDRESS_RE.match(address):
-            p.error(f"--executor {address!r} must be HOST:PORT")
+        try:
+            check_executor_address(address)
+        except BadRequest as e:
+            p.error(f"--executor: {e.message}")
     config = CollectorConfig(
         host=a.host, port=a.port, db=a.db, executors=executors,
         connect_timeout=a.connect_timeout, read_timeout=a.read_timeout,
         stop_wait=a.stop_wait, retry_max=a.retry_max, advertise=a.advertise,
-        lane_workers=a.lane_workers,
+        lane_workers=a.lane_workers, max_grace_seconds=a.max_grace_seconds,
         token=a.token, api_tokens=parse_tokens(a.api_token, "api"))
     return config, a
 

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -279,6 +280,19 @@ def unconnectable(host="127.0.0.1"):
 def closed_address(host="127.0.0.1"):
     """An address where nothing listens: connects are refused at once."""
     return f"{host}:{free_port(host)}"
+
+
+# -- databases -----------------------------------------------------------------
+
+def db_dump(path):
+    """Every row of every table, to prove a rejected request changed nothing."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
+    finally:
+        conn.close()
 
 
 # -- the collector's API, as the tests and the demo use it ----------------------

@@ -6,8 +6,9 @@ import time
 import pytest
 
 import executor as executor_module
-from support import (SilentListener, assert_all_gone, closed_address, create, detail,
-                     fake_case, running, start, stop, unconnectable, wait_pid_file, wait_task)
+from support import (SilentListener, assert_all_gone, closed_address, create, db_dump, detail,
+                     fake_case, running, start, stop, unconnectable, wait_pid_file, wait_task,
+                     wait_until)
 
 
 def test_create_start_stop_ends_every_process_on_both_machines(
@@ -87,6 +88,34 @@ def test_report_after_stop_changes_nothing(two_machines, start_collector, pid_fi
     after = detail(col, task["id"])
     assert after["status"] == "STOPPED" and after["instances"][0]["status"] == "STOPPED"
     assert after["instances"][0]["exitCode"] is None
+
+
+def test_a_report_without_steps_after_stop_keeps_the_steps(two_machines, start_collector,
+                                                          pid_file):
+    col = start_collector([two_machines[0].address])
+    task = create(col, [fake_case(pid_file())])
+    start(col, task["id"])
+    assert stop(col, task["id"])[0] == 200
+    inst = wait_until(lambda: (d := detail(col, task["id"]))["stopConfirmedAt"]
+                      and d["instances"][0]["steps"] and d["instances"][0],
+                      10, 0.05, "the executor's report with its steps")
+    assert [s["state"] for s in inst["steps"]] == ["CANCELLED"]
+    route = f"/api/execution-instance/{inst['id']}/report"
+    report = {"executionTaskId": inst["executionTaskId"], "status": "SUCCESS", "exitCode": 0}
+    before = db_dump(col.db)
+    for body in (report, {**report, "steps": None}):
+        code, resp = col.call("POST", route, body)
+        assert code == 200 and resp["data"] == {"changed": False, "status": "STOPPED"}, resp
+    assert db_dump(col.db) == before
+    assert detail(col, task["id"])["instances"][0]["steps"] == inst["steps"]
+
+    # Steps a later report does carry are kept: a cleanup's outcome after a stop.
+    later = [dict(inst["steps"][0], note="cleanup finished")]
+    assert col.call("POST", route, {**report, "steps": later})[0] == 200
+    after = detail(col, task["id"])["instances"][0]
+    assert after["steps"] == later
+    assert (after["status"], after["exitCode"], after["error"]) == (
+        "STOPPED", inst["exitCode"], inst["error"])
 
 
 def test_cases_that_end_on_their_own_finish_the_task(two_machines, start_collector, pid_file):
@@ -203,3 +232,4 @@ def test_documented_defaults():
     config, _ = collector.parse_args([])
     assert (config.connect_timeout, config.read_timeout, config.stop_wait) == (10, 30, 3)
     assert config.port == 8080 and config.host == "127.0.0.1"
+    assert config.max_grace_seconds == 60 == executor_module.parse_args([])[0].max_grace_seconds

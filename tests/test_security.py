@@ -9,21 +9,11 @@ import pytest
 
 import collector as collector_module
 import executor as executor_module
-from support import create, detail, fake_case, http_json, start, stop, wait_pid_file
+from support import (create, db_dump, detail, fake_case, http_json, start, stop, wait_pid_file,
+                     wait_until)
 
 TOKEN = "s3cret-shared"
 API_TOKENS = "alice:alice-key,bob:bob-key"
-
-
-def db_dump(path):
-    """Every row of every table, to prove a rejected request changed nothing."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        tables = [r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
-    finally:
-        conn.close()
 
 
 def case_processes(ex):
@@ -270,6 +260,11 @@ COLLECTOR_BAD = [
      b'{"name": "x", "cases": [{"script": "a.py"}], "executors": ["h@x:80"]}', 400, "host:port"),
     ("POST", "/api/collect-task",
      b'{"name": "x", "cases": [{"script": "a.py"}], "executors": [8081]}', 400, "host:port"),
+    ("POST", "/api/collect-task",
+     b'{"name": "x", "cases": [{"script": "a.py"}], "executors": ["127.0.0.2:8081\\n"]}', 400,
+     "host:port"),
+    ("POST", "/api/collect-task", b'{"name": "x", "cases": [{"script": "a.py", "graceSeconds": 61}]}',
+     400, "cases[0].graceSeconds"),
     ("POST", "/api/collect-task", BIG, 413, "larger than"),
     ("POST", "/api/collect-task", b"[" * 20000 + b"]" * 20000, 400, "nested too deeply"),
     ("POST", "/api/collect-task", b'{"name": "\\ud800", "cases": [{"script": "a.py"}]}', 400,
@@ -308,6 +303,12 @@ COLLECTOR_BAD = [
      b'{"status": "SUCCESS", "exitCode": 100000000000000000000, "executionTaskId": "x"}', 400,
      "'exitCode'"),
     ("POST", "/api/execution-instance/{inst}/report",
+     b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "x", "steps": "x"}', 400,
+     "'steps'"),
+    ("POST", "/api/execution-instance/{inst}/report",
+     b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "x", "steps": [1]}', 400,
+     "'steps'"),
+    ("POST", "/api/execution-instance/{inst}/report",
      b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "not-this-one"}', 409,
      "does not match"),
     ("POST", "/api/execution-instance/424242/report",
@@ -337,6 +338,76 @@ def test_bad_requests_to_the_collector_change_nothing(start_executor, start_coll
     assert db_dump(col.db) == before_db
     assert case_processes(ex) == before_procs
     assert stop(col, task["id"])[0] == 200
+
+
+def steps_of_size(size, count=1):
+    """count step objects whose JSON text is exactly size bytes."""
+    steps = [{"note": ""} for _ in range(count)]
+    steps[0]["note"] = "n" * (size - len(json.dumps(steps)))
+    assert len(json.dumps(steps).encode()) == size
+    return steps
+
+
+def test_a_report_with_bad_steps_changes_nothing(start_executor, start_collector, pid_file):
+    ex = start_executor(host="127.0.0.2")
+    col = start_collector([ex.address])
+    task = create(col, [fake_case(pid_file())])
+    start(col, task["id"])
+    inst = detail(col, task["id"])["instances"][0]
+    route = f"/api/execution-instance/{inst['id']}/report"
+    report = {"executionTaskId": inst["executionTaskId"], "status": "SUCCESS", "exitCode": 0}
+    before = db_dump(col.db)
+    for steps, words in [("x", "list of at most 50 objects"), ({"index": 0}, "list"),
+                         ([{"index": 0}, "step"], "objects"), ([{}] * 51, "at most 50")]:
+        code, body = col.call("POST", route, {**report, "steps": steps})
+        assert code == 400, (steps if len(str(steps)) < 200 else len(str(steps)), body)
+        assert_envelope(body, 400)
+        assert words in body["message"], body["message"]
+    assert db_dump(col.db) == before
+    assert detail(col, task["id"])["instances"][0]["status"] == "RUNNING"
+    assert stop(col, task["id"])[0] == 200
+    wait_until(lambda: detail(col, task["id"])["instances"][0]["steps"], 10, 0.05,
+               "the executor's own report, which would overwrite the steps below")
+
+    # Large steps are kept whole (a cut once stored invalid JSON), and the task still reads.
+    for steps in (steps_of_size(900_000), steps_of_size(900_000, 50)):
+        code, body = col.call("POST", route, {**report, "steps": steps})
+        assert code == 200 and body["data"]["changed"] is False, body
+        assert detail(col, task["id"])["instances"][0]["steps"] == steps
+
+
+def test_grace_beyond_what_executors_accept_is_refused_at_create(
+        start_executor, start_collector, pid_file):
+    ex = start_executor(host="127.0.0.2")      # its --max-grace-seconds is the default, 60
+    col = start_collector([ex.address])
+    tight = start_collector([ex.address], args=["--max-grace-seconds", "5"])
+    for svc, grace, limit in ((col, 60.5, "60"), (col, 3600, "60"), (tight, 5.5, "5")):
+        before = db_dump(svc.db)
+        code, body = svc.call("POST", "/api/collect-task", {
+            "name": "x", "cases": [dict(fake_case(pid_file()), graceSeconds=grace)]})
+        assert code == 400, body
+        assert_envelope(body, 400)
+        assert f"'cases[0].graceSeconds' must be a number of seconds up to {limit}" \
+            in body["message"]
+        assert db_dump(svc.db) == before
+    assert create(tight, [dict(fake_case(pid_file()), graceSeconds=5)])["status"] == "PENDING"
+    # What the collector accepts by default, a default executor starts.
+    task = create(col, [dict(fake_case(pid_file()), graceSeconds=60)])
+    assert [i["status"] for i in start(col, task["id"])["instances"]] == ["RUNNING"]
+    assert stop(col, task["id"])[0] == 200
+
+
+def test_an_executor_address_with_a_trailing_newline_is_refused(start_collector):
+    col = start_collector()         # no --executor: any well-formed address may be named
+    before = db_dump(col.db)
+    for address in ("127.0.0.2:8081\n", "[::1]:8081\n", "lab2\n:8081"):
+        code, body = col.call("POST", "/api/collect-task", {
+            "name": "x", "cases": [{"script": "fake_case.py"}], "executors": [address]})
+        assert code == 400, (address, body)
+        assert_envelope(body, 400)
+        assert "must be host:port" in body["message"]
+    assert db_dump(col.db) == before
+    assert col.call("GET", "/api/collect-task")[1]["data"] == []
 
 
 def test_an_internal_error_carries_an_error_id_that_is_in_the_log(start_collector):
@@ -387,8 +458,12 @@ def test_raw_http_garbage_gets_an_envelope(start_executor, start_collector):
 
 
 def test_collector_flags_are_validated():
-    with pytest.raises(SystemExit):
-        collector_module.parse_args(["--executor", "not an address"])
+    for bad in (["--executor", "not an address"], ["--executor", "127.0.0.2:8081\n"],
+                ["--executor", "h:99999"], ["--executor", "h:0"],
+                ["--max-grace-seconds", "-1"], ["--max-grace-seconds", "nan"]):
+        with pytest.raises(SystemExit):
+            collector_module.parse_args(bad)
+    assert collector_module.parse_args(["--max-grace-seconds", "5"])[0].max_grace_seconds == 5
     config, _ = collector_module.parse_args(["--api-token", "alice:a,bob:b"])
     assert config.api_tokens == {"alice": "a", "bob": "b"}
     assert collector_module.parse_args(["--api-token", "plain"])[0].api_tokens == {"api": "plain"}
