@@ -15,6 +15,7 @@ says the task is gone, across collector restarts too.
 import argparse
 import concurrent.futures
 import dataclasses
+import hmac
 import json
 import logging
 import os
@@ -268,11 +269,11 @@ class Collector:
                 first = spec["steps"][0]
                 c.execute(
                     "INSERT INTO test_case_execution_instance (collect_task_id, script, args,"
-                    " spec, executor, execution_task_id, status, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " spec, executor, execution_task_id, report_key, status, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (task_id, first["script"], json.dumps(first["args"]), json.dumps(spec),
-                     executors[i % len(executors)],
-                     f"ct{task_id}-{i}-{secrets.token_hex(4)}", PENDING, now))
+                     executors[i % len(executors)], f"ct{task_id}-{i}-{secrets.token_hex(4)}",
+                     secrets.token_urlsafe(24), PENDING, now))
         log.info("task=%s created with %d case(s) on %s", task_id, len(cases), executors)
         return self.task_detail(task_id)
 
@@ -307,7 +308,8 @@ class Collector:
 
     def dispatch(self, inst, queued_at=None):
         body = {"taskId": inst["execution_task_id"], **json.loads(inst["spec"]),
-                "reportUrl": f"http://{self.advertise}/api/execution-instance/{inst['id']}/report"}
+                "reportUrl": f"http://{self.advertise}/api/execution-instance/{inst['id']}"
+                             f"/report/{inst['report_key']}"}
         where = f"task={inst['collect_task_id']} instance={inst['id']} " \
                 f"execution={inst['execution_task_id']} executor={inst['executor']}"
         started = time.monotonic()
@@ -460,7 +462,7 @@ class Collector:
 
     # -- reports from executors --------------------------------------------------
 
-    def report(self, instance_id, body):
+    def report(self, instance_id, key, body):
         execution_task_id = body.get("executionTaskId")
         status, exit_code = body.get("status"), body.get("exitCode")
         if status not in (SUCCESS, FAILED, "CANCELLED", "TIMEOUT"):
@@ -478,8 +480,11 @@ class Collector:
         with self.db.transaction() as c:
             inst = c.execute("SELECT * FROM test_case_execution_instance WHERE id = ?",
                              (instance_id,)).fetchone()
-            if inst is None:
-                raise NotFound(f"instance {instance_id} not found")
+            # The key went only to the executor this instance was dispatched to, so
+            # nobody who can merely read the task can mark it finished.
+            if inst is None or not hmac.compare_digest(inst["report_key"].encode(),
+                                                       key.encode()):
+                raise NotFound(f"instance {instance_id} with that report key not found")
             if inst["execution_task_id"] != execution_task_id:
                 raise Conflict("executionTaskId does not match this instance")
             to = {"CANCELLED": STOPPED, "TIMEOUT": FAILED}.get(status, status)
@@ -677,11 +682,11 @@ def make_app(config):
         service.metrics.inc("stop_requests_total", outcome=outcome)
         return envelope(200, message, detail)
 
-    @app.post("/api/execution-instance/<instance_id>/report")
-    def report(instance_id):
+    @app.post("/api/execution-instance/<instance_id>/report/<key>")
+    def report(instance_id, key):
         require_token(executor_tokens)      # only an executor may report
         instance_id = positive_id(instance_id, "instance id")
-        return envelope(200, "report recorded", service.report(instance_id, json_body()))
+        return envelope(200, "report recorded", service.report(instance_id, key, json_body()))
 
     @app.get("/api/executors")
     def executors():

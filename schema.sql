@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS test_case_execution_instance (
     steps               TEXT,                        -- JSON: each step's outcome, as reported
     executor            TEXT NOT NULL,               -- host:port
     execution_task_id   TEXT NOT NULL UNIQUE,
+    report_key          TEXT NOT NULL,               -- secret in the reportUrl: only its executor can report
     status              TEXT NOT NULL DEFAULT 'PENDING', -- PENDING DISPATCHING RUNNING STOPPED SUCCESS FAILED
     exit_code           INTEGER,
     error               TEXT,                        -- why it FAILED without an exit code

@@ -337,6 +337,19 @@ def stop(col, task_id, reason=None, user=None):
                     {"reason": reason} if reason else None, headers=headers)
 
 
+def report_route(col, inst_id, key=None):
+    """The route an executor reports to: it carries the instance's report key,
+    which only the collector's database and that executor know."""
+    if key is None:
+        conn = sqlite3.connect(f"file:{col.db}?mode=ro", uri=True)
+        try:
+            key, = conn.execute("SELECT report_key FROM test_case_execution_instance"
+                                " WHERE id = ?", (inst_id,)).fetchone()
+        finally:
+            conn.close()
+    return f"/api/execution-instance/{inst_id}/report/{key}"
+
+
 def wait_task(col, task_id, status, timeout=15):
     return wait_until(lambda: (d := detail(col, task_id))["status"] == status and d,
                       timeout, 0.05, f"task {task_id} to be {status}")

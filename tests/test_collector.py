@@ -7,6 +7,7 @@ import pytest
 
 import executor as executor_module
 from support import (SilentListener, assert_all_gone, closed_address, create, db_dump, detail,
+                     report_route,
                      fake_case, running, start, stop, unconnectable, wait_pid_file, wait_task,
                      wait_until)
 
@@ -81,7 +82,7 @@ def test_report_after_stop_changes_nothing(two_machines, start_collector, pid_fi
     start(col, task["id"])
     stop(col, task["id"])
     inst = detail(col, task["id"])["instances"][0]
-    code, resp = col.call("POST", f"/api/execution-instance/{inst['id']}/report",
+    code, resp = col.call("POST", report_route(col, inst["id"]),
                           {"executionTaskId": inst["executionTaskId"], "status": "SUCCESS",
                            "exitCode": 0})
     assert code == 200 and resp["data"]["changed"] is False
@@ -100,7 +101,7 @@ def test_a_report_without_steps_after_stop_keeps_the_steps(two_machines, start_c
                       and d["instances"][0]["steps"] and d["instances"][0],
                       10, 0.05, "the executor's report with its steps")
     assert [s["state"] for s in inst["steps"]] == ["CANCELLED"]
-    route = f"/api/execution-instance/{inst['id']}/report"
+    route = report_route(col, inst["id"])
     report = {"executionTaskId": inst["executionTaskId"], "status": "SUCCESS", "exitCode": 0}
     before = db_dump(col.db)
     for body in (report, {**report, "steps": None}):

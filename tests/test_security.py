@@ -9,8 +9,8 @@ import pytest
 
 import collector as collector_module
 import executor as executor_module
-from support import (create, db_dump, detail, fake_case, http_json, start, stop, wait_pid_file,
-                     wait_until)
+from support import (create, db_dump, detail, fake_case, http_json, report_route, start, stop,
+                     wait_pid_file, wait_until)
 
 TOKEN = "s3cret-shared"
 API_TOKENS = "alice:alice-key,bob:bob-key"
@@ -77,6 +77,34 @@ def test_collector_api_tokens_and_who_stopped(start_executor, start_collector, p
     assert resp["data"]["stoppedBy"] == "carol"
 
 
+def test_a_report_needs_the_key_only_its_executor_was_given(start_executor, start_collector,
+                                                           pid_file):
+    """With no token at all (or only --api-token), a caller who can read the task
+    still cannot mark its instance finished: the report route carries a key that
+    was sent only to the executor, and no read of the API shows it."""
+    ex = start_executor(host="127.0.0.2")
+    col = start_collector([ex.address], env={"COLLECTOR_API_TOKENS": "ui:" + TOKEN})
+    code, resp = col.call("POST", "/api/collect-task",
+                          {"name": "keyed", "cases": [fake_case(pid_file())]}, token=TOKEN)
+    assert code == 201, resp
+    task = resp["data"]
+    assert col.call("POST", f"/api/collect-task/{task['id']}/start", token=TOKEN)[0] == 200
+    inst = detail(col, task["id"])["instances"][0]
+    key = report_route(col, inst["id"]).rsplit("/", 1)[1]
+    readable = json.dumps([col.call("GET", "/api/collect-task")[1],
+                           col.call("GET", f"/api/collect-task/{task['id']}")[1]])
+    assert key not in readable
+    report = {"executionTaskId": inst["executionTaskId"], "status": "SUCCESS", "exitCode": 0}
+    before = db_dump(col.db)
+    for route, token in ((report_route(col, inst["id"], key="guess"), TOKEN),
+                         (report_route(col, inst["id"], key=key[:-1]), None)):
+        code, resp = col.call("POST", route, report, token=token)
+        assert code == 404 and "report key" in resp["message"], resp
+    assert db_dump(col.db) == before
+    code, resp = col.call("POST", f"/api/collect-task/{task['id']}/stop", token=TOKEN)
+    assert code == 200, resp
+
+
 def test_reports_need_the_executor_token(start_executor, start_collector, pid_file):
     ex = start_executor(host="127.0.0.2", env={"CASE_EXEC_TOKEN": TOKEN})
     col = start_collector([ex.address], env={"CASE_EXEC_TOKEN": TOKEN})
@@ -86,8 +114,7 @@ def test_reports_need_the_executor_token(start_executor, start_collector, pid_fi
     report = {"executionTaskId": inst["executionTaskId"], "status": "SUCCESS", "exitCode": 0}
     before = db_dump(col.db)
     for token in (None, "wrong"):
-        code, resp = col.call("POST", f"/api/execution-instance/{inst['id']}/report", report,
-                              token=token)
+        code, resp = col.call("POST", report_route(col, inst["id"]), report, token=token)
         assert code == 401
     assert db_dump(col.db) == before
     assert detail(col, task["id"])["instances"][0]["status"] == "RUNNING"
@@ -291,29 +318,33 @@ COLLECTOR_BAD = [
     ("POST", "/api/collect-task/{task}/stop", b'{"reason": "' + b"r" * 1001 + b'"}', 400,
      "'reason'"),
     ("POST", "/api/collect-task/{task}/start", b"{bad", 400, "not valid JSON"),
-    ("POST", "/api/execution-instance/{inst}/report", b"{bad", 400, "not valid JSON"),
-    ("POST", "/api/execution-instance/{inst}/report", b'{"status": "DONE"}', 400, "'status'"),
-    ("POST", "/api/execution-instance/{inst}/report",
+    ("POST", "{report}", b"{bad", 400, "not valid JSON"),
+    ("POST", "{report}", b'{"status": "DONE"}', 400, "'status'"),
+    ("POST", "{report}",
      b'{"status": "SUCCESS", "exitCode": "0", "executionTaskId": "x"}', 400, "'exitCode'"),
-    ("POST", "/api/execution-instance/{inst}/report",
+    ("POST", "{report}",
      b'{"status": "SUCCESS", "exitCode": true, "executionTaskId": "x"}', 400, "'exitCode'"),
-    ("POST", "/api/execution-instance/{inst}/report", b'{"status": "SUCCESS", "exitCode": 0}',
+    ("POST", "{report}", b'{"status": "SUCCESS", "exitCode": 0}',
      400, "'executionTaskId'"),
-    ("POST", "/api/execution-instance/{inst}/report",
+    ("POST", "{report}",
      b'{"status": "SUCCESS", "exitCode": 100000000000000000000, "executionTaskId": "x"}', 400,
      "'exitCode'"),
-    ("POST", "/api/execution-instance/{inst}/report",
+    ("POST", "{report}",
      b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "x", "steps": "x"}', 400,
      "'steps'"),
-    ("POST", "/api/execution-instance/{inst}/report",
+    ("POST", "{report}",
      b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "x", "steps": [1]}', 400,
      "'steps'"),
-    ("POST", "/api/execution-instance/{inst}/report",
+    ("POST", "{report}",
      b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "not-this-one"}', 409,
      "does not match"),
-    ("POST", "/api/execution-instance/424242/report",
+    ("POST", "/api/execution-instance/424242/report/k",
      b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "x"}', 404, "not found"),
-    ("POST", "/api/execution-instance/x/report", b"{}", 400, "instance id"),
+    ("POST", "/api/execution-instance/{inst}/report/not-its-key",
+     b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "x"}', 404, "report key"),
+    ("POST", "/api/execution-instance/{inst}/report",
+     b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "x"}', 404, "no such endpoint"),
+    ("POST", "/api/execution-instance/x/report/k", b"{}", 400, "instance id"),
     ("DELETE", "/api/collect-task/{task}", None, 405, "not allowed"),
     ("PUT", "/api/collect-task", b"{}", 405, "not allowed"),
     ("GET", "/api/collect-task/{task}/stop", None, 405, "not allowed"),
@@ -330,7 +361,8 @@ def test_bad_requests_to_the_collector_change_nothing(start_executor, start_coll
     inst = detail(col, task["id"])["instances"][0]
     before_db, before_procs = db_dump(col.db), case_processes(ex)
     for method, route, raw, code, words in COLLECTOR_BAD:
-        route = route.format(task=task["id"], inst=inst["id"])
+        route = route.format(task=task["id"], inst=inst["id"],
+                             report=report_route(col, inst["id"]))
         status, body = col.call(method, route, raw=raw)
         assert status == code, (method, route, body)
         assert_envelope(body, code)
@@ -354,7 +386,7 @@ def test_a_report_with_bad_steps_changes_nothing(start_executor, start_collector
     task = create(col, [fake_case(pid_file())])
     start(col, task["id"])
     inst = detail(col, task["id"])["instances"][0]
-    route = f"/api/execution-instance/{inst['id']}/report"
+    route = report_route(col, inst["id"])
     report = {"executionTaskId": inst["executionTaskId"], "status": "SUCCESS", "exitCode": 0}
     before = db_dump(col.db)
     for steps, words in [("x", "list of at most 50 objects"), ({"index": 0}, "list"),
