@@ -213,6 +213,7 @@ class Collector:
             self.metrics.inc("executor_calls_skipped_total", call=call)
             raise CallFailed("skipped", f"not sent: a call to {address} made meanwhile "
                              f"found no answer")
+        log.debug("executor=%s %s %s: sent", address, method, path)
         started = time.monotonic()
         try:
             code, payload = call_json(address, method, path, body, self.config.token,
@@ -227,8 +228,10 @@ class Collector:
                        else "rejected" if code < 500 else "error")
             return code, payload
         finally:
-            self.metrics.observe("executor_call_seconds", time.monotonic() - started,
-                                 call=call, outcome=outcome)
+            elapsed = time.monotonic() - started
+            self.metrics.observe("executor_call_seconds", elapsed, call=call, outcome=outcome)
+            log.debug("executor=%s %s %s: %s in %dms", address, method, path, outcome,
+                      elapsed * 1000)
 
     # -- create ----------------------------------------------------------------
 
@@ -312,13 +315,15 @@ class Collector:
                              f"/report/{inst['report_key']}"}
         where = f"task={inst['collect_task_id']} instance={inst['id']} " \
                 f"execution={inst['execution_task_id']} executor={inst['executor']}"
+        log.info("%s execute sent", where)
         started = time.monotonic()
         try:
             code, payload = self.call_executor("execute", inst["executor"], "POST",
                                                "/test-case-execution/execute", body, queued_at)
         except CallFailed as e:
             # Refused or never sent: nothing started. Else it may have, so cancel it.
-            log.warning("%s execute failed: %s", where, e.text)
+            log.warning("%s execute failed in %dms: %s", where,
+                        int((time.monotonic() - started) * 1000), e.text)
             self.dispatch_failed(inst, f"execute failed: {e.text}",
                                  may_have_started=e.kind not in ("refused", "skipped"))
             return

@@ -1747,24 +1747,29 @@ class Executor:
                 "exitCode": row["exit_code"], "note": row["note"],
                 "steps": [{k: s[k] for k in ("index", "script", "always", "state", "exitCode",
                                              "note")} for s in json.loads(row["steps"])]}
+        attempts = row["report_attempts"] + 1
+        log.info("task=%s report attempt %d: %s to collector %s", row["task_id"], attempts,
+                 row["status"], url.netloc)
+        started = time.monotonic()
         try:
             code, payload = call_json(url.netloc, "POST", url.path, body, self.config.token,
                                       self.config.connect_timeout, self.config.read_timeout)
             error = None if code < 500 else f"HTTP {code}: {payload.get('message')}"
         except CallFailed as e:
             error = e.text
-        attempts = row["report_attempts"] + 1
+        ms = int((time.monotonic() - started) * 1000)
         if error is None:
             self.db.run("UPDATE execution SET report_state = 'DELIVERED', report_attempts = ?,"
                         " report_error = NULL WHERE task_id = ?", (attempts, row["task_id"]))
-            log.info("task=%s reported %s to collector (HTTP %s)", row["task_id"],
-                     row["status"], code)
+            log.info("task=%s reported %s to collector (HTTP %s) in %dms", row["task_id"],
+                     row["status"], code, ms)
             self.metrics.inc("reports_total", outcome="delivered")
             next_try.pop(row["task_id"], None)
         else:
             self.db.run("UPDATE execution SET report_attempts = ?, report_error = ?"
                         " WHERE task_id = ?", (attempts, error, row["task_id"]))
-            log.warning("task=%s report attempt %d failed: %s", row["task_id"], attempts, error)
+            log.warning("task=%s report attempt %d failed in %dms: %s", row["task_id"],
+                        attempts, ms, error)
             self.metrics.inc("reports_total", outcome="failed")
             next_try[row["task_id"]] = time.monotonic() + backoff(
                 attempts, self.config.report_retry_max)

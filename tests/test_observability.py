@@ -167,14 +167,17 @@ def test_log_lines_of_one_stop_name_what_they_concern(start_executor, start_coll
               if line.startswith("{")]
     assert events and all({"time", "level", "logger", "message"} <= set(e) for e in events)
     mine = [e["message"] for e in events if e.get("task") == str(task["id"])]
-    expect = ["stop requested by dora (reason: lunch)", "status -> STOPPED",
+    expect = ["execute sent", "execute answered HTTP 200 in",
+              "stop requested by dora (reason: lunch)", "status -> STOPPED",
               f"instance={inst['id']} execution={inst['executionTaskId']}",
               "cancel attempt 1: DELIVERED in", "stop complete"]
     for words in expect:
         assert any(words in m for m in mine), (words, mine)
 
-    text = lab.log_text()
     execution = inst["executionTaskId"]
+    text = wait_until(lambda: f"task={execution} reported CANCELLED to collector (HTTP 200) in"
+                      in (t := lab.log_text()) and t, 10, 0.05, "the executor's report line")
+    assert f"task={execution} report attempt 1: CANCELLED to collector" in text
     for words in [f"task={execution} cancel requested", f"task={execution} status -> CANCELLING",
                   f"task={execution} cancel: signalled=2 terminated=2 killed=0 survivors=0",
                   f"task={execution} status -> CANCELLED"]:
