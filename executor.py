@@ -1493,6 +1493,7 @@ class Executor:
         """The design's cancel: end every running step's tree under one grace, start
         no further normal step, let the cleanup steps run. A cancel while only the
         cleanup runs ends the cleanup. 404 when unknown or finished."""
+        log.info("task=%s cancel requested", task_id)    # every one, answered 404 or not
         with self.lock:     # execute inserts and registers under this lock: no late execute
             row = self.db.one("SELECT status FROM execution WHERE task_id = ?", (task_id,))
             ex = self.running.get(task_id)
@@ -1501,7 +1502,6 @@ class Executor:
         if row is None or row["status"] in FINAL or ex is None:
             self.metrics.inc("cancel_requests_total", outcome="not_found")
             raise NotFound("task not found or already finished", {"taskId": task_id})
-        log.info("task=%s cancel requested", task_id)
         with ex.lock:
             phase = ex.phase
             units = None if ex.stopping else self.units_to_cancel(ex)

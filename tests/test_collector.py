@@ -53,6 +53,8 @@ def test_stop_of_unknown_finished_and_stopped_tasks(two_machines, start_collecto
     wait_task(col, done["id"], "SUCCESS")
     code, resp = stop(col, done["id"])
     assert code == 409 and resp["message"] == "task already finished"
+    code, resp = col.call("POST", f"/api/collect-task/{done['id']}/start")
+    assert code == 409 and "SUCCESS" in resp["message"], resp
     assert detail(col, done["id"])["status"] == "SUCCESS"
 
     task = create(col, [fake_case(pid_file())])

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from executor import backoff
 from support import (SilentListener, assert_all_gone, create, detail, drop_cap_kill, fake_case,
                      read_pid_file, running, start, stop, wait_gone, wait_pid_file, wait_task,
                      wait_until)
@@ -120,6 +121,11 @@ def test_a_stop_stuck_on_a_hung_machine_never_holds_up_the_stop_of_another(
 
 # -- cancels are never lost ------------------------------------------------------------
 
+def test_retries_back_off_exponentially_up_to_the_cap():
+    assert [backoff(n, 30) for n in range(1, 8)] == [0.5, 1, 2, 4, 8, 16, 30]
+    assert backoff(0, 30) == 0.5 and backoff(50, 30) == 30 and backoff(3, 0.5) == 0.5
+
+
 def test_an_executor_back_from_the_dead_gets_its_cancel_and_ends_the_tree(
         start_executor, start_collector, pid_file):
     lab = start_executor(host="127.0.0.2", name="lab")
@@ -132,14 +138,18 @@ def test_an_executor_back_from_the_dead_gets_its_cancel_and_ends_the_tree(
     assert all(running(*e) for e in entries)
     code, resp = stop(col, task["id"])
     assert code == 200 and resp["data"]["instances"][0]["cancel"]["state"] == "PENDING"
-    wait_until(lambda: detail(col, task["id"])["instances"][0]["cancel"]["attempts"] >= 3,
-               10, 0.1, "retries while the executor is down")
+    # Five attempts: an uncapped backoff would now wait 8 s before the next one.
+    wait_until(lambda: detail(col, task["id"])["instances"][0]["cancel"]["attempts"] >= 5,
+               15, 0.1, "retries while the executor is down")
     inst = detail(col, task["id"])["instances"][0]
     assert "refused" in inst["cancel"]["error"] and inst["cancel"]["nextAttemptAt"]
 
     lab.start()                              # same address, same database: adopts the case
+    back = time.monotonic()
     final = wait_until(lambda: (i := detail(col, task["id"])["instances"][0])["cancel"]["state"]
-                       == "DELIVERED" and i, 10, 0.1, "the cancel to be delivered")
+                       == "DELIVERED" and i, 10, 0.02, "the cancel to be delivered")
+    # Within one retry period (0.5 s here), plus the cancel itself and slack for CI.
+    assert time.monotonic() - back < 0.5 + 1.5
     assert final["cancel"]["confirmedAt"] and final["cancel"]["error"] is None
     assert final["cancel"]["result"]["survivors"] == 0
     wait_gone(entries, 10)

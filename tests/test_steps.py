@@ -149,24 +149,34 @@ def test_max_runtime_and_grace_per_execution(start_executor, pid_file):
 
 @pytest.mark.timeout(120)
 def test_cancel_as_a_step_ends_never_lets_the_next_step_run(start_executor, pid_file):
-    """The gap between one step ending and the next starting, hit many times."""
+    """The gap between one step ending and the next starting, hit many times.
+
+    The cancel's moment homes in on the boundary: later after a round where it
+    came before step 2 started, earlier after one where step 2 had started. So
+    the rounds straddle the step's end, and the test proves that they did."""
     ex = start_executor(grace=0.5)
-    outcomes = set()
-    for n in range(16):
+    delay, stride = 0.3, 0.04
+    second_states = []
+    for n in range(30):
         p2 = pid_file()
         execute(ex, f"gap-{n}", [fake(None, "--duration", "0.25"), fake(p2, "--children", "1")])
-        time.sleep(0.2 + 0.01 * n)      # the race itself: around the first step's exit
+        time.sleep(delay)       # the race offset itself, not a wait for anything
         code, body = ex.call("POST", f"/test-case-execution/cancel/gap-{n}")
         assert code == 200, body
         st = final(ex, f"gap-{n}")
         assert st["status"] == "CANCELLED"
-        outcomes.add(tuple(states(st)))
         second = st["steps"][1]
+        second_states.append(second["state"])
         if second["state"] == "SKIPPED":
             assert second["pid"] is None and read_pid_file(p2) == []
+            delay += stride
         else:
-            assert second["state"] == "CANCELLED"
+            assert second["state"] == "CANCELLED", states(st)
             wait_gone(read_pid_file(p2), 5)
+            delay = max(0.0, delay - stride)
+        if len(set(second_states)) > 1:     # crossed the boundary: close in on it
+            stride = max(0.003, stride * 0.85)
+    assert {"SKIPPED", "CANCELLED"} <= set(second_states), second_states
     assert ex.call("GET", "/test-case-execution/tasks")[1]["data"] == []
 
 
