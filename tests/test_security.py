@@ -235,6 +235,11 @@ EXECUTOR_BAD = [
     ("PUT", "/test-case-execution/execute", b"{}", 405, "not allowed"),
     ("DELETE", "/test-case-execution/cancel/x", None, 405, "not allowed"),
     ("GET", "/test-case-execution/nope", None, 404, "no such endpoint"),
+    ("POST", "/test-case-execution/tasks", b"{}", 405, "not allowed"),
+    ("DELETE", "/test-case-execution/cases", None, 405, "not allowed"),
+    ("POST", "/health", b"{}", 405, "not allowed"),
+    ("PUT", "/metrics", b"x", 405, "not allowed"),
+    ("GET", "/health/x", None, 404, "no such endpoint"),
     ("GET", "/", None, 404, "no such endpoint"),
 ]
 
@@ -349,6 +354,14 @@ COLLECTOR_BAD = [
     ("PUT", "/api/collect-task", b"{}", 405, "not allowed"),
     ("GET", "/api/collect-task/{task}/stop", None, 405, "not allowed"),
     ("GET", "/api/nothing-here", None, 404, "no such endpoint"),
+    ("POST", "/api/executors", b"{}", 405, "not allowed"),
+    ("POST", "/health", b"{}", 405, "not allowed"),
+    ("DELETE", "/metrics", None, 405, "not allowed"),
+    ("POST", "/", b"{}", 405, "not allowed"),
+    ("GET", "/collector.html", None, 404, "no such endpoint"),
+    ("GET", "/api/collect-task?limit=x", None, 400, "limit"),
+    ("GET", "/api/collect-task?limit=-1", None, 400, "limit"),
+    ("GET", "/api/collect-task/0", None, 400, "task id"),
 ]
 
 
