@@ -24,14 +24,15 @@ import secrets
 import sys
 import threading
 import time
+from urllib.parse import urlencode
 
 import bottle
 
-from executor import (CONNECT_TIMEOUT, READ_TIMEOUT, TOKEN_ENV, ApiError, BadRequest,
-                      CallFailed, Conflict, Database, Metrics, NotFound, backoff, call_json,
+from executor import (CONNECT_TIMEOUT, READ_TIMEOUT, TOKEN_ENV, ApiError, BadGateway,
+                      BadRequest, CallFailed, Conflict, Database, Metrics, NotFound, backoff, call_json,
                       check_steps, compare_and_set, envelope, header_text, is_loopback,
                       json_body, make_bottle, make_server, parse_tokens, require_token,
-                      run_server, seconds, serve_metrics, setup_logging)
+                      run_server, seconds, serve_metrics, setup_logging, whole_number)
 
 log = logging.getLogger("collector")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -524,12 +525,34 @@ class Collector:
 
     # -- queries ---------------------------------------------------------------
 
-    def executors(self):
-        """The configured executors, whether they answer, and the cases each offers.
+    def person_timeouts(self):
+        """For calls a person waits on, made outside the lanes (a lane may be busy
+        with cancels to a hung machine): short, and never above the configured."""
+        return min(2.0, self.config.connect_timeout), min(5.0, self.config.read_timeout)
 
-        Asked outside the lanes and with short timeouts: a person is waiting, and
-        a lane may be busy with cancels to a hung machine."""
-        timeouts = (min(2.0, self.config.connect_timeout), min(5.0, self.config.read_timeout))
+    def case_log(self, instance_id, query):
+        """An instance's case log, fetched from its executor with the executor token,
+        so the page needs neither the token nor a route to the lab machine."""
+        inst = self.db.one("SELECT * FROM test_case_execution_instance WHERE id = ?",
+                           (instance_id,))
+        if inst is None:
+            raise NotFound(f"instance {instance_id} not found")
+        if inst["status"] == PENDING:
+            raise NotFound(f"instance {instance_id} has not run: no log yet")
+        path = f"/test-case-execution/log/{inst['execution_task_id']}?{urlencode(query)}"
+        try:
+            code, payload = self.call_executor("log", inst["executor"], "GET", path,
+                                               timeouts=self.person_timeouts())
+        except CallFailed as e:
+            raise BadGateway(f"executor {inst['executor']} did not answer: {e.text}")
+        if code != 200:
+            raise ApiError(payload.get("message"), payload.get("data"),
+                           status=code if code in (400, 404) else 502)
+        return payload["data"]
+
+    def executors(self):
+        """The configured executors, whether they answer, and the cases each offers."""
+        timeouts = self.person_timeouts()
 
         def ask(address):
             try:
@@ -597,8 +620,7 @@ def public_instance(i):
         "status": i["status"], "exitCode": i["exit_code"], "error": i["error"],
         "createdAt": i["created_at"], "startedAt": i["started_at"],
         "finishedAt": i["finished_at"],
-        "logUrl": (f"http://{i['executor']}/test-case-execution/log/{i['execution_task_id']}"
-                   if i["status"] != PENDING else None),
+        "logUrl": f"/api/execution-instance/{i['id']}/log" if i["status"] != PENDING else None,
         "cancel": {"state": i["cancel_state"], "attempts": i["cancel_attempts"],
                    "error": i["cancel_error"], "confirmedAt": i["cancel_confirmed_at"],
                    "nextAttemptAt": i["cancel_next_at"] if i["cancel_state"] == "PENDING" else None,
@@ -692,6 +714,18 @@ def make_app(config):
         require_token(executor_tokens)      # only an executor may report
         instance_id = positive_id(instance_id, "instance id")
         return envelope(200, "report recorded", service.report(instance_id, key, json_body()))
+
+    @app.get("/api/execution-instance/<instance_id>/log")
+    def case_log(instance_id):
+        instance_id = positive_id(instance_id, "instance id")
+        query = {}
+        for name in ("offset", "limit", "step"):
+            value = bottle.request.query.get(name)
+            if value is not None:
+                if whole_number(value) is None:
+                    raise BadRequest(f"'{name}' must be a non-negative integer")
+                query[name] = value
+        return envelope(200, "ok", service.case_log(instance_id, query))
 
     @app.get("/api/executors")
     def executors():

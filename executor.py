@@ -93,6 +93,7 @@ ERRORS = {
     409: "conflict",
     413: "request body too large",
     500: "internal error",
+    502: "an executor did not answer",
 }
 
 
@@ -135,6 +136,10 @@ class TooLarge(ApiError):
 
 class InternalError(ApiError):
     status_code_default = 500
+
+
+class BadGateway(ApiError):
+    status_code_default = 502
 
 
 def internal_error(where, metrics, message="internal error", data=None):
