@@ -82,7 +82,6 @@ UNFINISHED = (PENDING, DISPATCHING, RUNNING)
 
 # What happened to the cancel of one instance.
 NOT_NEEDED, DELIVERED, NOT_FOUND = "NOT_NEEDED", "DELIVERED", "NOT_FOUND"
-CANCEL_FINAL = (NOT_NEEDED, DELIVERED, NOT_FOUND, FAILED)
 
 
 def move_task(conn, task_id, to, **fields):

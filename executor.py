@@ -1066,11 +1066,21 @@ FINAL = (CANCELLED, SUCCESS, FAILED, TIMEOUT)
 MOVES = {RUNNING: (CANCELLING, SUCCESS, FAILED, TIMEOUT), CANCELLING: (CANCELLED,)}
 # A step: PENDING, then RUNNING, then one of SUCCESS FAILED TIMEOUT CANCELLED;
 # or SKIPPED when it never started (an earlier step failed, or a cancel).
-STEP_DONE = (SUCCESS, FAILED, TIMEOUT, CANCELLED, "SKIPPED")
+PENDING, SKIPPED = "PENDING", "SKIPPED"
+STEP_MOVES = {PENDING: (RUNNING, SKIPPED), RUNNING: (SUCCESS, FAILED, TIMEOUT, CANCELLED)}
 CLEANUP_TIMEOUT = 60.0
 STOP_SLACK = 10.0       # beyond the grace: SIGKILL, reaping and the runner closing the phase
 ADOPTED_POLL = 0.2      # how often the runner checks a step it cannot wait for
 IDLE_LOOK = 5.0         # the longest the runner sleeps without being woken
+
+
+def move_step(step, to, **fields):
+    """The one place a step's state changes (in memory; save_steps stores it).
+    A step a cancel has marked CANCELLED stays so when its root then exits."""
+    if to not in STEP_MOVES.get(step["state"], ()):
+        return False
+    step.update(state=to, **fields)
+    return True
 
 
 def make_steps(steps):
@@ -1079,7 +1089,7 @@ def make_steps(steps):
              "group": s.get("group"), "always": bool(s.get("always")),
              "timeoutSeconds": s.get("timeoutSeconds",
                                      CLEANUP_TIMEOUT if s.get("always") else None),
-             "state": "PENDING", "pid": None, "createTime": None, "cgroup": None,
+             "state": PENDING, "pid": None, "createTime": None, "cgroup": None,
              "exitCode": None, "startedAt": None, "endedAt": None, "note": None,
              "unended": False}
             for i, s in enumerate(steps)]
@@ -1315,8 +1325,8 @@ class Executor:
         unit = Unit(step, marker, popen.pid, read_proc(popen.pid).create_time, cgroup)
         if step["timeoutSeconds"]:
             unit.deadline = time.time() + step["timeoutSeconds"]
-        step.update(state=RUNNING, pid=unit.pid, createTime=unit.create_time, cgroup=cgroup,
-                    marker=marker, startedAt=time.time())
+        move_step(step, RUNNING, pid=unit.pid, createTime=unit.create_time, cgroup=cgroup,
+                  marker=marker, startedAt=time.time())
         ex.units[i] = unit
         with self.lock:
             self.by_pid[unit.pid] = (ex, unit)
@@ -1344,12 +1354,12 @@ class Executor:
                 if cleanup and ex.phase == "normal":
                     ex.phase = "cleanup"
                     ex.phase_changed.notify_all()
-                todo = [s for s in stage if s["state"] == "PENDING"]
+                todo = [s for s in stage if s["state"] == PENDING]
                 stopped = ex.cleanup_cancelled if cleanup else (
                     ex.cancelled or self.normal_failed(ex))
                 if stopped:
                     for s in todo:
-                        s.update(state="SKIPPED")
+                        move_step(s, SKIPPED)
                     self.save_steps(ex)
                 elif todo:
                     self.start_stage(ex, todo)
@@ -1426,7 +1436,7 @@ class Executor:
                     note = "ended after an executor restart; its exit code is unknown"
                 else:
                     state = SUCCESS if code == 0 else FAILED
-                step.update(state=state)
+                move_step(step, state)
             step.update(exitCode=code, endedAt=time.time(), note=note)
             with ex.lock:
                 del ex.units[step["index"]]
@@ -1583,8 +1593,7 @@ class Executor:
     def stop_units(self, ex, units, reason, state):
         """End some steps' trees under one grace; they are recorded as `state`."""
         for unit in units:
-            if unit.step["state"] == RUNNING:
-                unit.step["state"] = state
+            move_step(unit.step, state)
         with ex.stop_lock:
             result = self.end_tree(ex, units, reason)
         ex.wake.set()
@@ -1706,7 +1715,7 @@ class Executor:
                         ex.units[step["index"]] = unit
                     if step.get("unended"):
                         ex.unended[step["index"]] = unit
-            if any(s["always"] and s["state"] != "PENDING" for s in steps):
+            if any(s["always"] and s["state"] != PENDING for s in steps):
                 ex.phase = "cleanup"
             with self.lock:
                 self.running[ex.task_id] = ex
