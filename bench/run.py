@@ -70,6 +70,7 @@ class Plan:
     runs: int = 5
     grace: float = 1.0            # executor --grace-seconds, and the baselines' grace
     never_after: float = 1.0      # "never": survivors still there this long after the stop returned
+    never_confirm: float = 30.0   # each "never" cell, run once more and watched this long
     topologies: list = None
     api_executors: int = 10
     api_instances: int = 40
@@ -103,7 +104,7 @@ def full_plan():
 
 def quick_plan():
     return Plan(
-        runs=1, grace=0.3, never_after=0.5, api_executors=4, api_instances=8,
+        runs=1, grace=0.3, never_after=0.5, never_confirm=0, api_executors=4, api_instances=8,
         api_blackholes=((0, 0), (1, 0), (1, 1)), stop_wait=1.0, ref_timeouts=(0.2, 0.6),
         ref_runs=1, design_ref_cap=0, isolation_hung=0, scale_levels=(1, 5), growth_trees=(10, 50),
         growth_tasks=(1, 5), growth_runs=1,
@@ -327,6 +328,7 @@ def section_kill(plan, base, info):
                     log(f"  {topo.key:<12} {method:<13} run {run + 1}: {r['processes']:>3} procs, "
                         f"{r['survivors']} left, zero after {fmt_ms(r['time_to_zero_ms'])}"
                         + (f" ERROR {r['error']}" if r["error"] else ""))
+        runs += confirm_never(plan, base, executors, runs)
         for n in plan.growth_trees:
             topo = Topology(f"tree-{n}", f"cooperative tree of {n}",
                             ["--children", str(n - 1), "--depth", "1"])
@@ -344,12 +346,34 @@ def section_kill(plan, base, info):
     return runs, growth
 
 
+def confirm_never(plan, base, executors, runs):
+    """Each (topology, method) that left survivors, run once more and watched for
+    never_confirm seconds: "never" means "still there 30 s later", and watching all
+    of them at once keeps that to one wait instead of one per cell."""
+    cells = sorted({(r["topology"], r["method"]) for r in runs if r["time_to_zero_ms"] is None})
+    if not plan.never_confirm or not cells:
+        return []
+    log(f"  confirming 'never' for {len(cells)} cell(s): watching {plan.never_confirm:g} s")
+    topologies = {t.key: t for t in plan.topologies}
+    watch = dataclasses.replace(plan, never_after=plan.never_confirm)
+    with concurrent.futures.ThreadPoolExecutor(len(cells)) as pool:
+        confirms = list(pool.map(lambda c: kill_run(watch, base, executors, topologies[c[0]],
+                                                    c[1], "confirm"), cells))
+    for r in confirms:
+        r["confirm"] = True
+        log(f"  {r['topology']:<12} {r['method']:<13} confirm: {r['survivors']} left "
+            f"{plan.never_confirm:g} s after the stop")
+    return confirms
+
+
 def summarize_kill(plan, runs):
     rows = []
     for topo in plan.topologies:
         row = {"topology": topo.key, "label": topo.label}
         for method in METHODS + ("executor-scan",):
-            rs = [r for r in runs if r["topology"] == topo.key and r["method"] == method]
+            cell = [r for r in runs if r["topology"] == topo.key and r["method"] == method]
+            rs = [r for r in cell if not r.get("confirm")]
+            confirm = [r["survivors"] for r in cell if r.get("confirm")]
             if not rs:
                 continue
             row["processes"] = median([r["processes"] for r in rs])
@@ -362,6 +386,7 @@ def summarize_kill(plan, runs):
                 "marked_left_max": max(r["marked_left"] for r in rs),
                 "runs": len(rs),
                 "errors": [r["error"] for r in rs if r["error"]],
+                "survivors_after_confirm": confirm[0] if confirm else None,
             }
         rows.append(row)
     return rows
@@ -376,6 +401,8 @@ def kill_table(plan, rows):
         for m in methods:
             s = row[m]
             cell = f"{s['survivors_median']:.0f} left, {fmt_ms(s['time_to_zero_median_ms'])}"
+            if s.get("survivors_after_confirm") is not None:
+                cell += f" ({s['survivors_after_confirm']} left {plan.never_confirm:g} s after)"
             if m in EXECUTOR_METHODS:
                 cell += f" (call {fmt_ms(s['stop_call_median_ms'])})"
             cells.append(cell)
@@ -1002,9 +1029,10 @@ def render(plan, quick, env, kill_rows, api, scale, growth, target_list, elapsed
         f"Each cell: survivors after the stop (median), then the time from the start of the stop "
         f"until zero survivors (median). Grace between SIGTERM and SIGKILL: {plan.grace:g} s for "
         f"every method (the executor's `--grace-seconds`). **never** = survivors were still "
-        f"there {plan.never_after:g} s after the method returned (the bound of this bench; "
-        f"nothing in these trees exits on its own for {SAFETY_SECONDS} s, so it stands for "
-        f"never). Survivors are the processes of the case's `--pid-file` that still exist; a "
+        f"there {plan.never_after:g} s after the method returned in every run; each such cell "
+        f"was then run once more and watched for {plan.never_confirm:g} s, and the survivors "
+        f"still there at the end are in parentheses (nothing in these trees exits on its own "
+        f"for {SAFETY_SECONDS} s). Survivors are the processes of the case's `--pid-file` that still exist; a "
         f"zombie counts while its parent is the stopper (the bench, or the executor) and has "
         f"not reaped it, a zombie reparented to init counts as gone. The baselines run "
         f"`fake_case.py` as the bench's own child in a new session; the executor's cancel is "
