@@ -51,6 +51,7 @@ SCHEMA_PATH = os.path.join(HERE, "schema.sql")
 MARKER_ENV = "CASE_EXEC_TASK_ID"     # tells the case its taskId
 RUN_MARKER_ENV = "CASE_EXEC_RUN"     # unique per execution: how its processes are found
 TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a file name: no '..'
+LOG_NAME_RE = re.compile(r"(.+?)(?:\+step-[0-9]+)?\.log(?:\.1)?")   # <taskId>[+step-N].log[.1]
 MAX_BODY_BYTES = 1024 * 1024
 CONNECT_TIMEOUT = 10.0   # the design's RestTemplate numbers
 READ_TIMEOUT = 30.0
@@ -722,21 +723,17 @@ class Snapshot:
         return now if now is not None and now.key == proc.key else None
 
     def case_members(self, run_marker, root_pid, root_create_time, known, cgroup_pids=()):
-        """Every live process of one case: the root's descendants, the processes
-        of its session, anything started after the root that carries its run
-        marker (how Jenkins finds escaped build processes), and any member seen
-        before that is still alive, and everything in the case's cgroup.
+        """Every live process of one case: the root, the processes of its session,
+        anything started after the root that carries its run marker (how Jenkins
+        finds escaped build processes), any member seen before that is still
+        alive, everything in the case's cgroup, and the descendants of them all.
         `known` (key -> Proc) is kept up to date."""
         me = os.getpid()
         members = {}
         root = self.procs.get(root_pid)
         root_alive = same_process(root, root_pid, root_create_time)
         if root_alive:
-            stack = [root_pid]
-            while stack:
-                pid = stack.pop()
-                members[pid] = self.procs[pid]
-                stack.extend(self.children.get(pid, ()))
+            members[root_pid] = root
         # The session id is the root's pid; once that pid is reused it names another session.
         session_ours = root is None or root_alive
         since = root_create_time - 0.05
@@ -754,6 +751,14 @@ class Snapshot:
                 del known[key]
             else:
                 members.setdefault(p.pid, now)
+        # The descendants of every member, not only of the root: what an escaped
+        # daemon forks after clearing its environment is still the case's.
+        stack = list(members)
+        while stack:
+            for child in self.children.get(stack.pop(), ()):
+                if child not in members and child != me:
+                    members[child] = self.procs[child]
+                    stack.append(child)
         live = [p for p in members.values() if p.alive]
         known.update((p.key, p) for p in live)
         return live
@@ -886,8 +891,22 @@ def cgroup_pids(path):
     return pids
 
 
-def cgroup_kill(path):
-    """SIGKILL everything in the cgroup at once, seen or not (Linux 5.14+)."""
+def cgroup_kill(path, home):
+    """SIGKILL everything in the cgroup at once, seen or not (Linux 5.14+), but
+    never the executor: a case may write any pid it can signal into its own
+    cgroup, the executor's too. The executor then moves itself home first, and
+    if it cannot, leaves this round to the per-process SIGKILL, which skips it."""
+    me = os.getpid()
+    if me in cgroup_pids(path):     # home: the executor's own cgroup
+        try:
+            with open(os.path.join(home, "cgroup.procs"), "w") as f:
+                f.write(str(me))
+        except OSError:
+            pass
+        if me in cgroup_pids(path):
+            log.warning("the executor itself was put into %s; not using cgroup.kill", path)
+            return
+        log.warning("the executor itself was put into %s; moved itself back", path)
     try:
         with open(os.path.join(path, "cgroup.kill"), "w") as f:
             f.write("1")
@@ -1091,7 +1110,7 @@ def make_steps(steps):
                                      CLEANUP_TIMEOUT if s.get("always") else None),
              "state": PENDING, "pid": None, "createTime": None, "cgroup": None,
              "exitCode": None, "startedAt": None, "endedAt": None, "note": None,
-             "unended": False}
+             "unended": False, "marked": []}
             for i, s in enumerate(steps)]
 
 
@@ -1172,7 +1191,9 @@ class Executor:
         self.by_pid = {}            # step root pid -> (Execution, Unit), for the reaper
         self.tombstones = {}        # taskId -> expiry, cancelled before it was executed
         self.metrics = self.declare_metrics()
-        self.cgroups = (cgroup_base(f"case-executor-{config.port}")
+        # Named by host and port: two executors on one machine never share cases.
+        self.cgroups = (cgroup_base(re.sub(r"[^A-Za-z0-9.-]", "_",
+                                           f"case-executor-{config.host}-{config.port}"))
                         if config.cgroups == "auto" else None)
         self.child_started = threading.Event()
         self.report_due = threading.Event()
@@ -1227,10 +1248,13 @@ class Executor:
 
     # -- execute ---------------------------------------------------------------
 
+    def inside_cases_dir(self, path):
+        return os.path.commonpath([os.path.realpath(path), self.cases_dir]) == self.cases_dir
+
     def resolve_script(self, script):
         check_script(script)
         path = os.path.realpath(os.path.join(self.cases_dir, script))
-        if os.path.commonpath([path, self.cases_dir]) != self.cases_dir:
+        if not self.inside_cases_dir(path):
             raise BadRequest(f"script '{script}' resolves outside the cases directory")
         if not os.path.isfile(path):
             raise BadRequest(f"script '{script}' not found in the cases directory")
@@ -1297,7 +1321,7 @@ class Executor:
         env[MARKER_ENV] = task_id
         env[RUN_MARKER_ENV] = marker
         argv = [sys.executable, self.resolve_script(step["script"]), *step["args"]]
-        cgroup = os.path.join(self.cgroups, task_id, f"step-{i}") if self.cgroups else None
+        cgroup = self.task_cgroup(task_id, f"step-{i}") if self.cgroups else None
         gate = os.pipe() if cgroup else None
         if cgroup:
             # The shell waits on the gate (its stdin) until it is in the step's
@@ -1474,7 +1498,7 @@ class Executor:
             moved = False
         else:
             if self.cgroups:
-                cgroup_remove(os.path.join(self.cgroups, ex.task_id))
+                cgroup_remove(self.task_cgroup(ex.task_id))
             with ex.save_lock, self.db.transaction() as c:
                 self.save_steps(ex, c)
                 moved = self.move(c, ex.task_id, to, exit_code=code, finished_at=time.time(),
@@ -1613,7 +1637,7 @@ class Executor:
 
         def kill_all():
             for cg in cgroups:
-                cgroup_kill(cg)
+                cgroup_kill(cg, os.path.dirname(self.cgroups))
         result = stop_tree(find, ex.grace, kill_all=kill_all if cgroups else None,
                            find_quick=find_quick if cgroups else None)
         if not result.survivors:
@@ -1685,11 +1709,32 @@ class Executor:
             if uncontained:
                 # Without a cgroup the run marker finds a case's escaped processes,
                 # and a process may clear its environment: a scan remembers the
-                # marker of every process it sees (ProcessTable.markers).
-                PROCESS_TABLE.snapshot()
+                # marker of every process it sees (ProcessTable.markers), and each
+                # step stores who carried its marker, for after a restart.
+                self.remember_marked(running, PROCESS_TABLE.snapshot())
             if time.monotonic() - last_prune > 600:
                 self.prune_logs()
                 last_prune = time.monotonic()
+
+    def remember_marked(self, running, snap):
+        by_marker = {}
+        for key, marker in snap.markers.items():
+            if marker is not None:
+                by_marker.setdefault(marker, []).append(key)
+        for ex in running:
+            changed = False
+            for unit in ex.running_units():
+                if unit.cgroup:
+                    continue
+                # Only those that left the case's session: the session id finds
+                # the others, and what any of them forks is found as a descendant.
+                escaped = sorted(key for key in by_marker.get(unit.marker, ())
+                                 if snap.procs[key[0]].sid != unit.pid)
+                if escaped != [tuple(k) for k in unit.step.get("marked", [])]:
+                    unit.step["marked"] = escaped
+                    changed = True
+            if changed:
+                self.save_steps(ex)
 
     # -- registry after a restart -------------------------------------------------
 
@@ -1709,6 +1754,9 @@ class Executor:
                 if running or step.get("unended"):
                     unit = Unit(step, step["marker"], step["pid"], step["createTime"],
                                 step["cgroup"], child=False)
+                    for pid, create_time in step.get("marked", ()):
+                        if same_process(proc := read_proc(pid), pid, create_time):
+                            unit.known[proc.key] = proc
                     if step["timeoutSeconds"]:
                         unit.deadline = step["startedAt"] + step["timeoutSeconds"]
                     if running:
@@ -1790,9 +1838,14 @@ class Executor:
 
     # -- case logs -------------------------------------------------------------
 
+    def task_cgroup(self, task_id, *below):
+        """A prefix, so that no taskId names one of cgroupfs's own files (cgroup.procs)."""
+        return os.path.join(self.cgroups, f"task-{task_id}", *below)
+
     def log_path(self, task_id, step=0):
         """Each step's output has its own log; the first step's is <taskId>.log."""
-        name = f"{task_id}.log" if step == 0 else f"{task_id}.step-{step}.log"
+        # '+' is not allowed in a taskId, so no task's log name is another's.
+        name = f"{task_id}.log" if step == 0 else f"{task_id}+step-{step}.log"
         return os.path.join(self.config.log_dir, name)
 
     def prune_logs(self):
@@ -1801,7 +1854,10 @@ class Executor:
         with self.lock:
             running = set(self.running)
         for name in os.listdir(self.config.log_dir):
-            task_id = name.split(".step-")[0].split(".log")[0]
+            match = LOG_NAME_RE.fullmatch(name)
+            if not match:
+                continue
+            task_id = match.group(1)
             path = os.path.join(self.config.log_dir, name)
             try:
                 if task_id not in running and os.path.getmtime(path) < cutoff:
@@ -1848,13 +1904,13 @@ class Executor:
             dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
             for name in sorted(files):
                 path = os.path.join(dirpath, name)
-                if name.endswith(".py") and os.path.realpath(path).startswith(self.cases_dir):
+                if name.endswith(".py") and self.inside_cases_dir(path):
                     found.append(os.path.relpath(path, self.cases_dir))
         return found[:1000]
 
 
 def public_steps(steps_json, log_path):
-    return [{k: v for k, v in s.items() if k not in ("marker", "cgroup")} | {
+    return [{k: v for k, v in s.items() if k not in ("marker", "cgroup", "marked")} | {
         "log": log_path(s["index"])} for s in json.loads(steps_json or "[]")]
 
 

@@ -11,8 +11,8 @@ import uuid
 import psutil
 import pytest
 
-from support import (ROOT, assert_all_gone, drop_cap_kill, read_pid_file, running, wait_gone,
-                     wait_pid_file, wait_until)
+from support import (ROOT, assert_all_gone, drop_cap_kill, free_port, read_pid_file, running,
+                     wait_gone, wait_pid_file, wait_until)
 
 GRACE = 1.0
 
@@ -341,6 +341,25 @@ time.sleep(float(sys.argv[2]))
 '''
 
 
+ESCAPE_LATER = '''"""A double-forked daemon that keeps the marker, and argv[3] seconds later
+forks a child that leaves its session and environment at once."""
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        time.sleep(float(sys.argv[3]))
+        if os.fork() == 0:
+            os.setsid()
+            with open(sys.argv[1] + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+            os.execve("/bin/sleep", ["sleep", "300"], {})
+        time.sleep(300)
+    os._exit(0)
+time.sleep(float(sys.argv[2]))
+'''
+
+
 @pytest.fixture
 def run_escape(start_executor, tmp_path):
     """run_escape(task_id, root_seconds, delay=0, cgroups=True) -> (executor,
@@ -349,15 +368,16 @@ def run_escape(start_executor, tmp_path):
     cases = tmp_path / "escape-cases"
     cases.mkdir()
     (cases / "escape.py").write_text(ESCAPE)
+    (cases / "escape_later.py").write_text(ESCAPE_LATER)
 
-    def run(task_id, root_seconds, delay=0.0, cgroups=True):
+    def run(task_id, root_seconds, delay=0.0, cgroups=True, script="escape.py"):
         ex = start_executor(cases_dir=cases, name=f"ex-{task_id}",
                             args=[] if cgroups else ["--cgroups", "off"])
         if cgroups and not ex.cgroups:
             pytest.skip("no writable cgroup v2 here: such an escapee is out of reach (README)")
         marker = str(tmp_path / f"{task_id}.pid")
         code, body = ex.call("POST", "/test-case-execution/execute", {
-            "taskId": task_id, "script": "escape.py",
+            "taskId": task_id, "script": script,
             "args": [marker, str(root_seconds), str(delay)]})
         assert code == 200
         root_pid = body["data"]["pid"]
@@ -376,7 +396,7 @@ def test_a_process_that_escapes_session_tree_and_environment_is_still_ended(run_
     code, body = cancel(ex, "escape-1")
     assert code == 200 and body["data"]["survivors"] == 0
     assert_all_gone([escapee])
-    assert not os.path.exists(os.path.join(ex.cgroups, "escape-1"))
+    assert not os.path.exists(os.path.join(ex.cgroups, "task-escape-1"))
 
 
 def test_without_cgroups_an_escapee_that_clears_its_environment_later_is_still_ended(
@@ -386,6 +406,27 @@ def test_without_cgroups_an_escapee_that_clears_its_environment_later_is_still_e
     clears its environment later than that is still known by its marker."""
     ex, escapee = run_escape("escape-3", 300, delay=1.5, cgroups=False)
     code, body = cancel(ex, "escape-3")
+    assert code == 200 and body["data"]["survivors"] == 0, body
+    assert_all_gone([escapee])
+
+
+def test_without_cgroups_what_an_escaped_daemon_forks_later_is_still_ended(run_escape):
+    """The child leaves session and environment in the same instant it starts, so
+    no scan sees its marker: it is found as a descendant of a known member."""
+    ex, escapee = run_escape("escape-4", 300, delay=1.0, cgroups=False,
+                             script="escape_later.py")
+    code, body = cancel(ex, "escape-4")
+    assert code == 200 and body["data"]["survivors"] == 0, body
+    assert_all_gone([escapee])
+
+
+def test_without_cgroups_an_executor_restart_keeps_what_carried_the_marker(run_escape):
+    """The marker an escapee cleared is remembered in SQLite, not only in memory."""
+    ex, escapee = run_escape("escape-5", 300, delay=1.5, cgroups=False)
+    ex.kill9()
+    ex.start()
+    assert "adopted root" in ex.log_text()
+    code, body = cancel(ex, "escape-5")
     assert code == 200 and body["data"]["survivors"] == 0, body
     assert_all_gone([escapee])
 
@@ -406,8 +447,62 @@ def test_a_case_runs_inside_its_cgroup_from_its_first_instruction(start_executor
     if not ex.cgroups:
         pytest.skip("no writable cgroup v2 here")
     out = tmp_path / "cgroup.txt"
+    # A taskId that is also the name of a cgroupfs file still gets its own cgroup.
     assert ex.call("POST", "/test-case-execution/execute",
-                   {"taskId": "where-1", "script": "where.py", "args": [str(out)]})[0] == 200
+                   {"taskId": "cgroup.procs", "script": "where.py", "args": [str(out)]})[0] == 200
     text = wait_until(lambda: out.exists() and out.read_text(), 10, 0.02, "the case's cgroup")
     own = next(line for line in text.splitlines() if line.startswith("0::"))
-    assert own.endswith(f"/case-executor-{ex.port}/where-1/step-0"), own
+    assert own.endswith(f"/case-executor-{ex.host}-{ex.port}/task-cgroup.procs/step-0"), own
+
+
+def test_two_executors_on_one_machine_and_port_never_share_a_case(start_executor, pid_file):
+    port = free_port("127.0.0.2")
+    labs = [start_executor(host=host, port=port, name=f"lab-{host}")
+            for host in ("127.0.0.2", "127.0.0.3")]
+    if not labs[0].cgroups:
+        pytest.skip("no writable cgroup v2 here")
+    assert labs[0].cgroups != labs[1].cgroups
+    trees = [start_case(lab, pid_file(), "--children", str(n), task_id="shared", expect=n + 1)
+             for lab, n in zip(labs, (1, 3))]
+    code, body = cancel(labs[0], "shared")
+    assert code == 200 and body["data"]["signalled"] == 2, body
+    assert_all_gone(trees[0][1])
+    assert all(running(*e) for e in trees[1][1]), "the other executor's case was touched"
+    assert cancel(labs[1], "shared")[0] == 200
+    assert_all_gone(trees[1][1])
+
+
+CAPTOR = '''"""Puts the executor into its own cgroup, so that a cgroup.kill of the case would
+end the executor too, and ignores SIGTERM so that the kill comes."""
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+mount = next(l.split()[1] for l in open("/proc/self/mounts") if l.split()[2] == "cgroup2")
+own = next(l.strip()[3:] for l in open("/proc/self/cgroup") if l.startswith("0::"))
+with open(os.path.join(mount, own.lstrip("/"), "cgroup.procs"), "w") as f:
+    f.write(str(os.getppid()))
+open(sys.argv[1], "w").close()
+time.sleep(300)
+'''
+
+
+def test_a_case_that_puts_the_executor_into_its_cgroup_does_not_get_it_killed(
+        start_executor, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "captor.py").write_text(CAPTOR)
+    ex = start_executor(cases_dir=cases, grace=0.3)
+    if not ex.cgroups:
+        pytest.skip("no writable cgroup v2 here")
+    done = tmp_path / "moved"
+    code, body = ex.call("POST", "/test-case-execution/execute",
+                         {"taskId": "captor", "script": "captor.py", "args": [str(done)]})
+    assert code == 200, body
+    case = psutil.Process(body["data"]["pid"])
+    wait_until(done.exists, 10, 0.02, "the executor to be moved")
+    assert "task-captor" in open(f"/proc/{ex.proc.pid}/cgroup").read()
+    code, body = cancel(ex, "captor")
+    assert code == 200 and body["data"]["survivors"] == 0, body
+    assert ex.proc.poll() is None and ex.healthy()
+    assert "task-captor" not in open(f"/proc/{ex.proc.pid}/cgroup").read()
+    assert "moved itself back" in ex.log_text()
+    assert_all_gone([(case.pid, case.create_time())])
