@@ -303,7 +303,7 @@ def test_old_logs_of_finished_cases_are_removed_after_retention(start_executor, 
              {"taskId": done, "script": "fake_case.py", "args": ["--duration", "0"]})
     wait_until(lambda: lab.call("GET", f"/test-case-execution/status/{done}")[1]["data"]["status"]
                == "SUCCESS", 10, message="the case to end")
-    running = "old-running"
+    running = "old.logs-running"     # '.log' inside a taskId once hid it from this check
     path = pid_file()
     lab.call("POST", "/test-case-execution/execute",
              {"taskId": running, "script": "fake_case.py", "args": ["--pid-file", path]})
@@ -316,6 +316,32 @@ def test_old_logs_of_finished_cases_are_removed_after_retention(start_executor, 
     assert not (logs / f"{done}.log").exists()
     assert (logs / f"{running}.log").exists(), "a running case keeps its log"
     assert lab.call("POST", f"/test-case-execution/cancel/{running}")[0] == 200
+
+
+def test_no_two_tasks_share_a_log_file(start_executor):
+    lab = start_executor()
+    step = {"script": "fake_case.py", "args": ["--duration", "0"]}
+    for task_id, steps in (("lg", [step, step]), ("lg.step-1", [step]), ("lg.step-1.log", [step])):
+        code, body = lab.call("POST", "/test-case-execution/execute",
+                              {"taskId": task_id, "steps": steps})
+        assert code == 200, body
+        wait_until(lambda: lab.call("GET", f"/test-case-execution/status/{task_id}")[1]
+                   ["data"]["status"] == "SUCCESS", 10, message=f"{task_id} to end")
+    texts = [lab.call("GET", route)[1]["data"]["text"]
+             for route in ("/test-case-execution/log/lg?step=1",
+                           "/test-case-execution/log/lg.step-1",
+                           "/test-case-execution/log/lg.step-1.log")]
+    pids = [re.findall(r"fake_case pid=(\d+)", text) for text in texts]
+    assert all(len(p) == 1 for p in pids) and len({p[0] for p in pids}) == 3, texts
+
+
+def test_log_names_give_back_their_taskid():
+    from executor import LOG_NAME_RE
+    for name, task_id in (("a.log", "a"), ("a.log.1", "a"), ("a+step-2.log", "a"),
+                          ("a+step-2.log.1", "a"), ("a.log.log", "a.log"),
+                          ("a.step-1.log", "a.step-1"), ("x.logs-y.log", "x.logs-y")):
+        assert LOG_NAME_RE.fullmatch(name).group(1) == task_id, name
+    assert LOG_NAME_RE.fullmatch("notes.txt") is None
 
 
 @pytest.mark.parametrize("service", ["executor", "collector"])

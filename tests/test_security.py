@@ -140,6 +140,20 @@ def test_token_from_the_environment_is_not_visible_in_ps(start_executor):
 
 # -- what may run -----------------------------------------------------------------
 
+def test_the_cases_list_offers_only_what_may_run(start_executor, tmp_path):
+    """A sibling directory whose name starts like the cases directory is outside it."""
+    cases, sibling = tmp_path / "hc", tmp_path / "hcX"
+    cases.mkdir()
+    sibling.mkdir()
+    (cases / "good.py").write_text("pass\n")
+    (sibling / "evil.py").write_text("pass\n")
+    os.symlink(sibling / "evil.py", cases / "evil.py")
+    ex = start_executor(cases_dir=cases)
+    assert ex.call("GET", "/test-case-execution/cases")[1]["data"] == ["good.py"]
+    code, body = ex.call("POST", "/test-case-execution/execute", {"script": "evil.py"})
+    assert code == 400 and "outside" in body["message"], body
+
+
 def test_a_case_gets_the_executor_environment_and_marker_but_no_secrets(
         start_executor, tmp_path):
     cases = tmp_path / "cases"
