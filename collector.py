@@ -300,14 +300,18 @@ class Collector:
                     claimed.append(dict(inst))
         log.info("task=%s starting %d instance(s)", task_id, len(claimed))
         futures = [self.lanes.submit(inst["executor"], self.dispatch, inst) for inst in claimed]
-        concurrent.futures.wait(futures)
-        self.finish_task_if_done(task_id)
+        # Like the stop: a hung executor must not hold the person who pressed Start.
+        concurrent.futures.wait(futures, timeout=self.config.stop_wait)
         detail = self.task_detail(task_id)
-        failed = detail["instanceCounts"].get(FAILED, 0)
-        if failed == len(detail["instances"]):
+        counts = detail["instanceCounts"]
+        if detail["status"] == STOPPED:
+            return detail, "task stopped while it was starting"
+        if detail["status"] == FAILED and counts.get(FAILED) == len(detail["instances"]):
             return detail, "no instance could be dispatched; task FAILED"
-        return detail, "task started" + (f"; {failed} instance(s) failed to dispatch"
-                                         if failed else "")
+        notes = [f"{n} instance(s) {what}" for n, what in (
+            (counts.get(FAILED, 0), "failed to dispatch"),
+            (counts.get(DISPATCHING, 0), "still being dispatched")) if n]
+        return detail, "; ".join(["task started", *notes])
 
     def dispatch(self, inst, queued_at=None):
         body = {"taskId": inst["execution_task_id"], **json.loads(inst["spec"]),
@@ -352,6 +356,7 @@ class Collector:
             move_instance(c, inst, FAILED, **fields)
         if may_have_started:
             self.retry_due.set()
+        self.finish_task_if_done(inst["collect_task_id"])
 
     # -- stop ------------------------------------------------------------------
 
@@ -762,7 +767,7 @@ def parse_args(argv, defaults=CollectorConfig()):
     p.add_argument("--read-timeout", type=float, default=defaults.read_timeout,
                    help="seconds to wait for an executor's answer (default 30)")
     p.add_argument("--stop-wait", type=float, default=defaults.stop_wait,
-                   help="the stop API answers within this many seconds (default 3)")
+                   help="the stop and start APIs answer within this many seconds (default 3)")
     p.add_argument("--retry-max", type=float, default=defaults.retry_max,
                    help="cap of the backoff between attempts of a pending cancel (default 30)")
     p.add_argument("--lane-workers", type=int, default=defaults.lane_workers,

@@ -350,6 +350,29 @@ def test_stop_while_dispatch_is_in_flight_leaves_nothing_running(
     assert [i["status"] for i in final["instances"]] == ["STOPPED"] * 3
 
 
+def test_start_answers_within_the_wait_while_an_executor_hangs(
+        start_executor, start_collector, pid_file):
+    lab = start_executor(host="127.0.0.2", name="lab")
+    col = start_collector([lab.address], read_timeout=10.0, stop_wait=0.5)
+    path = pid_file()
+    task = create(col, [fake_case(path)])
+    os.kill(lab.proc.pid, signal.SIGSTOP)
+    try:
+        asked = time.monotonic()
+        code, resp = col.call("POST", f"/api/collect-task/{task['id']}/start")
+        answered = time.monotonic() - asked
+    finally:
+        os.kill(lab.proc.pid, signal.SIGCONT)
+    assert code == 200 and "1 instance(s) still being dispatched" in resp["message"], resp
+    assert resp["data"]["instances"][0]["status"] == "DISPATCHING"
+    assert answered < 5, "the start waited for the executor's read timeout (10 s)"
+    wait_until(lambda: detail(col, task["id"])["instances"][0]["status"] == "RUNNING",
+               10, 0.05, "the dispatch to finish once the executor runs again")
+    entries = wait_pid_file(path, 1)
+    assert stop(col, task["id"])[0] == 200
+    assert_all_gone(entries)
+
+
 def test_stop_as_cases_exit_on_their_own_has_one_final_state(
         start_executor, start_collector, pid_file):
     lab = start_executor(host="127.0.0.2", name="lab")
