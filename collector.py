@@ -758,7 +758,7 @@ def parse_args(argv, defaults=CollectorConfig()):
     env = os.environ.get
     p = argparse.ArgumentParser(description="DataCollectService: collect tasks and Stop.")
     p.add_argument("--host", default=env("COLLECTOR_HOST", defaults.host))
-    p.add_argument("--port", type=int, default=int(env("COLLECTOR_PORT", defaults.port)))
+    p.add_argument("--port", type=int, default=env("COLLECTOR_PORT", str(defaults.port)))
     p.add_argument("--db", default=env("COLLECTOR_DB", defaults.db), help="SQLite file")
     p.add_argument("--executor", action="append", default=[], metavar="HOST:PORT",
                    help="an executor cases may run on (repeatable)")

@@ -2013,7 +2013,7 @@ def parse_args(argv, defaults=ExecutorConfig()):
     env = os.environ.get
     p = argparse.ArgumentParser(description="CaseExecuteService: run and cancel case scripts.")
     p.add_argument("--host", default=env("EXECUTOR_HOST", defaults.host))
-    p.add_argument("--port", type=int, default=int(env("EXECUTOR_PORT", defaults.port)))
+    p.add_argument("--port", type=int, default=env("EXECUTOR_PORT", str(defaults.port)))
     p.add_argument("--cases-dir", default=env("EXECUTOR_CASES_DIR", defaults.cases_dir),
                    help="scripts are taken from here only")
     p.add_argument("--db", default=env("EXECUTOR_DB", defaults.db), help="SQLite file")

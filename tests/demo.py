@@ -10,6 +10,7 @@ run:  a collector and one executor in the foreground until Ctrl-C.
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -148,8 +149,13 @@ collector  http://{c}      executor  http://{e}   (Ctrl-C to stop both)
     return 0
 
 
+def stop_on_term(signum, frame):
+    raise KeyboardInterrupt     # so `kill <pid>` shuts the services down like Ctrl-C
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, stop_on_term)
     return {"demo": demo, "run": run}[argv[0] if argv else "demo"]()
 
 

@@ -71,6 +71,8 @@ def free_port(host="127.0.0.1"):
 def port_or_free(host, port):
     """port if nothing listens there on host, else any free one."""
     with socket.socket() as s:
+        # As the servers bind: a port with only TIME-WAIT connections left is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return port
