@@ -82,6 +82,69 @@ class ExecutorConfig:
 
 
 ###############################################################################
+# Database (shared with collector.py) ##########################################
+###############################################################################
+
+class Database:
+    """SQLite in WAL mode with a busy timeout; one connection per thread."""
+
+    def __init__(self, path):
+        self.path = path
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._local = threading.local()
+        with open(SCHEMA_PATH) as f:
+            self.conn().executescript(f.read())
+
+    def conn(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self):
+        """A short write transaction; never hold one across a network call."""
+        conn = self.conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def one(self, sql, args=()):
+        row = self.conn().execute(sql, args).fetchone()
+        return dict(row) if row else None
+
+    def all(self, sql, args=()):
+        return [dict(r) for r in self.conn().execute(sql, args).fetchall()]
+
+    def run(self, sql, args=()):
+        return self.conn().execute(sql, args).rowcount
+
+
+def compare_and_set(conn, table, key, key_value, moves, to, **fields):
+    """Move a row to state `to` only from a state `moves` allows; True if it moved.
+
+    The single place a status changes, so a late writer can never overwrite a
+    state it was not allowed to leave (a report after STOPPED, say)."""
+    allowed = [s for s, targets in moves.items() if to in targets]
+    sets = ", ".join(["status = ?"] + [f"{k} = ?" for k in fields])
+    marks = ", ".join("?" * len(allowed))
+    cur = conn.execute(
+        f"UPDATE {table} SET {sets} WHERE {key} = ? AND status IN ({marks})",
+        [to, *fields.values(), key_value, *allowed])
+    return cur.rowcount == 1
+
+
+###############################################################################
 # Web plumbing shared with collector.py ########################################
 ###############################################################################
 
@@ -506,65 +569,6 @@ def run_server(server, on_stop=None):
         server.server_close()
         if on_stop:
             on_stop()
-
-
-class Database:
-    """SQLite in WAL mode with a busy timeout; one connection per thread."""
-
-    def __init__(self, path):
-        self.path = path
-        if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._local = threading.local()
-        with open(SCHEMA_PATH) as f:
-            self.conn().executescript(f.read())
-
-    def conn(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                   check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout = 30000")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            self._local.conn = conn
-        return conn
-
-    @contextmanager
-    def transaction(self):
-        """A short write transaction; never hold one across a network call."""
-        conn = self.conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-    def one(self, sql, args=()):
-        row = self.conn().execute(sql, args).fetchone()
-        return dict(row) if row else None
-
-    def all(self, sql, args=()):
-        return [dict(r) for r in self.conn().execute(sql, args).fetchall()]
-
-    def run(self, sql, args=()):
-        return self.conn().execute(sql, args).rowcount
-
-
-def compare_and_set(conn, table, key, key_value, moves, to, **fields):
-    """Move a row to state `to` only from a state `moves` allows; True if it moved.
-
-    The single place a status changes, so a late writer can never overwrite a
-    state it was not allowed to leave (a report after STOPPED, say)."""
-    allowed = [s for s, targets in moves.items() if to in targets]
-    sets = ", ".join(["status = ?"] + [f"{k} = ?" for k in fields])
-    marks = ", ".join("?" * len(allowed))
-    cur = conn.execute(
-        f"UPDATE {table} SET {sets} WHERE {key} = ? AND status IN ({marks})",
-        [to, *fields.values(), key_value, *allowed])
-    return cur.rowcount == 1
 
 
 class CallFailed(Exception):
