@@ -1408,9 +1408,12 @@ class Executor:
             now = time.time()
             ended = False
             for unit in units:
-                if not unit.child and not unit.exited and not same_process(
-                        read_proc(unit.pid), unit.pid, unit.create_time):
-                    unit.exited = True      # adopted: gone, exit status unknown
+                if not unit.child and not unit.exited and not (
+                        same_process(proc := read_proc(unit.pid), unit.pid, unit.create_time)
+                        and proc.alive):
+                    # Adopted: gone, exit status unknown. A zombie counts as gone: its
+                    # parent is not us, and may take its time to reap it.
+                    unit.exited = True
                 if unit.exited:
                     self.step_exited(ex, unit)
                     ended = True
