@@ -29,10 +29,11 @@ from urllib.parse import urlencode
 import bottle
 
 from executor import (CONNECT_TIMEOUT, READ_TIMEOUT, TOKEN_ENV, ApiError, BadGateway,
-                      BadRequest, CallFailed, Conflict, Database, Metrics, NotFound, backoff, call_json,
-                      check_steps, compare_and_set, envelope, header_text, is_loopback,
-                      json_body, make_bottle, make_server, parse_tokens, require_token,
-                      run_server, seconds, serve_metrics, setup_logging, whole_number)
+                      BadRequest, CallFailed, Conflict, Database, Metrics, NotFound, backoff,
+                      call_json, check_steps, compare_and_set, envelope, header_text,
+                      is_loopback, json_body, make_bottle, make_server, parse_tokens,
+                      require_token, run_server, seconds, serve_metrics, setup_logging,
+                      whole_number)
 
 log = logging.getLogger("collector")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -549,9 +550,11 @@ class Collector:
                                                timeouts=self.person_timeouts())
         except CallFailed as e:
             raise BadGateway(f"executor {inst['executor']} did not answer: {e.text}")
+        if code in (400, 404):      # what the caller asked for is wrong or gone
+            raise ApiError(payload.get("message"), payload.get("data"), status=code)
         if code != 200:
-            raise ApiError(payload.get("message"), payload.get("data"),
-                           status=code if code in (400, 404) else 502)
+            raise BadGateway(f"executor {inst['executor']} answered HTTP {code}: "
+                             f"{payload.get('message')}")
         return payload["data"]
 
     def executors(self):
