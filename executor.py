@@ -51,6 +51,7 @@ SCHEMA_PATH = os.path.join(HERE, "schema.sql")
 MARKER_ENV = "CASE_EXEC_TASK_ID"     # tells the case its taskId
 RUN_MARKER_ENV = "CASE_EXEC_RUN"     # unique per execution: how its processes are found
 TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a file name: no '..'
+REPORT_KEY_RE = re.compile(r"(/report/)[^/\s?]+")
 LOG_NAME_RE = re.compile(r"(.+?)(?:\+step-[0-9]+)?\.log(?:\.1)?")   # <taskId>[+step-N].log[.1]
 MAX_BODY_BYTES = 1024 * 1024
 CONNECT_TIMEOUT = 10.0   # the design's RestTemplate numbers
@@ -92,6 +93,9 @@ class Database:
         self.path = path
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            # Owner only: it holds report keys and report URLs. SQLite gives its
+            # -wal and -shm files the same mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         self._local = threading.local()
         with open(SCHEMA_PATH) as f:
             self.conn().executescript(f.read())
@@ -531,7 +535,9 @@ class QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
     timeout = 30    # a client that stops sending mid-request does not hold a thread for ever
 
     def log_message(self, fmt, *args):
-        log.debug("http %s %s", self.client_address[0], fmt % args)
+        # A report route carries the instance's report key: never in a log.
+        logging.getLogger(self.server.service_name).debug(
+            "http %s %s", self.client_address[0], REPORT_KEY_RE.sub(r"\1***", fmt % args))
 
     def send_error(self, code, message=None, explain=None):
         """Malformed HTTP, before any route runs: still the JSON envelope."""
@@ -551,8 +557,10 @@ class QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
 
 def make_server(app, host, port):
     try:
-        return wsgiref.simple_server.make_server(
+        server = wsgiref.simple_server.make_server(
             host, port, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler)
+        server.service_name = app.config["name"]      # whose logger names each request
+        return server
     except OSError as e:
         sys.exit(f"cannot listen on {host}:{port}: {e.strerror}")
 
@@ -752,7 +760,7 @@ class Snapshot:
         for key, p in list(known.items()):
             now = self.current(p)
             if now is None:
-                del known[key]
+                known.pop(key, None)    # the watcher and a stop may both look
             else:
                 members.setdefault(p.pid, now)
         # The descendants of every member, not only of the root: what an escaped
@@ -853,13 +861,15 @@ def cgroup_finder(cgroup, known):
         for key, p in list(known.items()):
             now = read_proc(p.pid)
             if not same_process(now, *key):
-                del known[key]
+                known.pop(key, None)
             elif now.alive:
                 live.setdefault(key, now)
         known.update(live)
         return list(live.values())
     return find
 
+
+CGROUP_MOUNT = None     # where cgroup v2 is mounted, once cgroup_base found it
 
 # A case in its own cgroup (v2) cannot leave it without privilege: not by
 # double-forking, not by a new session, not by clearing its environment. When
@@ -868,9 +878,11 @@ def cgroup_finder(cgroup, known):
 
 def cgroup_base(name):
     """A writable cgroup v2 directory for this executor's case cgroups, or None."""
+    global CGROUP_MOUNT
     try:
         with open("/proc/self/mounts") as f:
-            mount = next(line.split()[1] for line in f if line.split()[2] == "cgroup2")
+            mount = CGROUP_MOUNT = next(line.split()[1] for line in f
+                                        if line.split()[2] == "cgroup2")
         with open("/proc/self/cgroup") as f:
             own = next(line.strip()[3:] for line in f if line.startswith("0::"))
         base = os.path.join(mount, own.lstrip("/"), name)
@@ -895,22 +907,34 @@ def cgroup_pids(path):
     return pids
 
 
+def cgroup_go_home(home):
+    """A case may write any pid it can signal into its own cgroup, the executor's
+    too. Then a cgroup.kill of the case would end the executor, its cgroup could
+    not be removed, and later cases would start inside it: move back to home (the
+    executor's own cgroup). True if the executor is there."""
+    def where():
+        with open("/proc/self/cgroup") as f:
+            return next(line.strip()[3:] for line in f if line.startswith("0::"))
+    try:
+        if os.path.join(CGROUP_MOUNT, where().lstrip("/")).rstrip("/") == home.rstrip("/"):
+            return True
+        away = where()
+        with open(os.path.join(home, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        log.warning("the executor itself was put into %s; moved itself back", away)
+        return True
+    except (OSError, StopIteration) as e:
+        log.warning("the executor could not move back to its own cgroup: %s", e)
+        return False
+
+
 def cgroup_kill(path, home):
     """SIGKILL everything in the cgroup at once, seen or not (Linux 5.14+), but
-    never the executor: a case may write any pid it can signal into its own
-    cgroup, the executor's too. The executor then moves itself home first, and
-    if it cannot, leaves this round to the per-process SIGKILL, which skips it."""
-    me = os.getpid()
-    if me in cgroup_pids(path):     # home: the executor's own cgroup
-        try:
-            with open(os.path.join(home, "cgroup.procs"), "w") as f:
-                f.write(str(me))
-        except OSError:
-            pass
-        if me in cgroup_pids(path):
-            log.warning("the executor itself was put into %s; not using cgroup.kill", path)
-            return
-        log.warning("the executor itself was put into %s; moved itself back", path)
+    never the executor: if it cannot get out of the way, it leaves this round to
+    the per-process SIGKILL, which skips it."""
+    if not cgroup_go_home(home) or os.getpid() in cgroup_pids(path):
+        log.warning("the executor is inside %s; not using cgroup.kill", path)
+        return
     try:
         with open(os.path.join(path, "cgroup.kill"), "w") as f:
             f.write("1")
@@ -1114,7 +1138,7 @@ def make_steps(steps):
                                      CLEANUP_TIMEOUT if s.get("always") else None),
              "state": PENDING, "pid": None, "createTime": None, "cgroup": None,
              "exitCode": None, "startedAt": None, "endedAt": None, "note": None,
-             "unended": False, "marked": []}
+             "unended": False, "escaped": []}
             for i, s in enumerate(steps)]
 
 
@@ -1505,6 +1529,7 @@ class Executor:
             moved = False
         else:
             if self.cgroups:
+                cgroup_go_home(os.path.dirname(self.cgroups))
                 cgroup_remove(self.task_cgroup(ex.task_id))
             with ex.save_lock, self.db.transaction() as c:
                 self.save_steps(ex, c)
@@ -1635,6 +1660,9 @@ class Executor:
         finders = [u.find() for u in units]
         quick_finders = [u.find_quick() for u in units]
         cgroups = [u.cgroup for u in units if u.cgroup]
+        home = os.path.dirname(self.cgroups) if cgroups else None
+        if cgroups:
+            cgroup_go_home(home)
 
         def find():
             return [p for f in finders for p in f()]
@@ -1644,10 +1672,12 @@ class Executor:
 
         def kill_all():
             for cg in cgroups:
-                cgroup_kill(cg, os.path.dirname(self.cgroups))
+                cgroup_kill(cg, home)
         result = stop_tree(find, ex.grace, kill_all=kill_all if cgroups else None,
                            find_quick=find_quick if cgroups else None)
         if not result.survivors:
+            if cgroups:
+                cgroup_go_home(home)    # once more: it may have been moved meanwhile
             for cg in cgroups:
                 cgroup_remove(cg)
         m = self.metrics
@@ -1717,28 +1747,26 @@ class Executor:
                 # Without a cgroup the run marker finds a case's escaped processes,
                 # and a process may clear its environment: a scan remembers the
                 # marker of every process it sees (ProcessTable.markers), and each
-                # step stores who carried its marker, for after a restart.
-                self.remember_marked(running, PROCESS_TABLE.snapshot())
+                # step remembers its members (remember_members).
+                self.remember_members(running, PROCESS_TABLE.snapshot())
             if time.monotonic() - last_prune > 600:
                 self.prune_logs()
                 last_prune = time.monotonic()
 
-    def remember_marked(self, running, snap):
-        by_marker = {}
-        for key, marker in snap.markers.items():
-            if marker is not None:
-                by_marker.setdefault(marker, []).append(key)
+    def remember_members(self, running, snap):
+        """Without a cgroup: find each case's processes as a stop would, so that
+        `known` keeps one whose parent (an escaped daemon, say) has since exited,
+        and store those outside the case's session with the step: after a
+        restart, no marker or session leads to them any more."""
         for ex in running:
             changed = False
             for unit in ex.running_units():
                 if unit.cgroup:
                     continue
-                # Only those that left the case's session: the session id finds
-                # the others, and what any of them forks is found as a descendant.
-                escaped = sorted(key for key in by_marker.get(unit.marker, ())
-                                 if snap.procs[key[0]].sid != unit.pid)
-                if escaped != [tuple(k) for k in unit.step.get("marked", [])]:
-                    unit.step["marked"] = escaped
+                members = snap.case_members(unit.marker, unit.pid, unit.create_time, unit.known)
+                escaped = sorted([p.pid, p.create_time] for p in members if p.sid != unit.pid)
+                if escaped != unit.step.get("escaped"):
+                    unit.step["escaped"] = escaped
                     changed = True
             if changed:
                 self.save_steps(ex)
@@ -1761,7 +1789,7 @@ class Executor:
                 if running or step.get("unended"):
                     unit = Unit(step, step["marker"], step["pid"], step["createTime"],
                                 step["cgroup"], child=False)
-                    for pid, create_time in step.get("marked", ()):
+                    for pid, create_time in step.get("escaped", ()):
                         if same_process(proc := read_proc(pid), pid, create_time):
                             unit.known[proc.key] = proc
                     if step["timeoutSeconds"]:
@@ -1917,7 +1945,7 @@ class Executor:
 
 
 def public_steps(steps_json, log_path):
-    return [{k: v for k, v in s.items() if k not in ("marker", "cgroup", "marked")} | {
+    return [{k: v for k, v in s.items() if k not in ("marker", "cgroup", "escaped")} | {
         "log": log_path(s["index"])} for s in json.loads(steps_json or "[]")]
 
 

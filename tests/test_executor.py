@@ -2,6 +2,7 @@
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -342,7 +343,8 @@ time.sleep(float(sys.argv[2]))
 
 
 ESCAPE_LATER = '''"""A double-forked daemon that keeps the marker, and argv[3] seconds later
-forks a child that leaves its session and environment at once."""
+forks a child that leaves its session and environment at once; the daemon
+then lives argv[4] seconds more (default: for ever)."""
 import os, sys, time
 if os.fork() == 0:
     os.setsid()
@@ -354,7 +356,7 @@ if os.fork() == 0:
                 f.write(str(os.getpid()))
             os.rename(sys.argv[1] + ".tmp", sys.argv[1])
             os.execve("/bin/sleep", ["sleep", "300"], {})
-        time.sleep(300)
+        time.sleep(float(sys.argv[4]) if len(sys.argv) > 4 else 300)
     os._exit(0)
 time.sleep(float(sys.argv[2]))
 '''
@@ -370,7 +372,7 @@ def run_escape(start_executor, tmp_path):
     (cases / "escape.py").write_text(ESCAPE)
     (cases / "escape_later.py").write_text(ESCAPE_LATER)
 
-    def run(task_id, root_seconds, delay=0.0, cgroups=True, script="escape.py"):
+    def run(task_id, root_seconds, delay=0.0, cgroups=True, script="escape.py", extra=()):
         ex = start_executor(cases_dir=cases, name=f"ex-{task_id}",
                             args=[] if cgroups else ["--cgroups", "off"])
         if cgroups and not ex.cgroups:
@@ -378,7 +380,7 @@ def run_escape(start_executor, tmp_path):
         marker = str(tmp_path / f"{task_id}.pid")
         code, body = ex.call("POST", "/test-case-execution/execute", {
             "taskId": task_id, "script": script,
-            "args": [marker, str(root_seconds), str(delay)]})
+            "args": [marker, str(root_seconds), str(delay), *extra]})
         assert code == 200
         root_pid = body["data"]["pid"]
         pid = int(wait_until(lambda: os.path.exists(marker) and open(marker).read(), 10, 0.02,
@@ -418,6 +420,49 @@ def test_without_cgroups_what_an_escaped_daemon_forks_later_is_still_ended(run_e
     code, body = cancel(ex, "escape-4")
     assert code == 200 and body["data"]["survivors"] == 0, body
     assert_all_gone([escapee])
+
+
+def test_without_cgroups_the_orphan_of_an_escaped_daemon_is_still_ended(run_escape):
+    """The daemon exits after its child left session and marker: the child, now
+    the executor's (the subreaper's) child, is no one's descendant any more; it
+    is known because the executor looked while its parent was alive."""
+    ex, orphan = run_escape("escape-6", 300, delay=0.5, cgroups=False,
+                            script="escape_later.py", extra=["1.5"])
+    wait_until(lambda: psutil.Process(orphan[0]).ppid() == ex.proc.pid, 10, 0.05,
+               "the daemon to exit, leaving its child to the executor")
+    code, body = cancel(ex, "escape-6")
+    assert code == 200 and body["data"]["survivors"] == 0, body
+    assert_all_gone([orphan])
+
+
+def escaped_of(ex, task_id):
+    """What the executor stored of a step's processes outside its session."""
+    conn = sqlite3.connect(f"file:{ex.db}?mode=ro", uri=True)
+    try:
+        steps, = conn.execute("SELECT steps FROM execution WHERE task_id = ?",
+                              (task_id,)).fetchone()
+    finally:
+        conn.close()
+    return [tuple(e) for e in json.loads(steps)[0]["escaped"]]
+
+
+def test_without_cgroups_an_orphan_made_while_the_executor_was_down_is_ended_after(
+        run_escape):
+    ex, orphan = run_escape("escape-7", 300, delay=0.5, cgroups=False,
+                            script="escape_later.py", extra=["1.5"])
+    def stored_with_orphan():
+        stored = escaped_of(ex, "escape-7")
+        return orphan[0] in [pid for pid, _ in stored] and stored
+    stored = wait_until(stored_with_orphan, 5, 0.05, "the executor to store the daemon's child")
+    daemon = [e for e in stored if e[0] != orphan[0]]
+    assert daemon, stored
+    ex.kill9()
+    wait_until(lambda: not any(running(*e) for e in daemon), 10, 0.05,
+               "the daemon to exit while the executor is down")
+    ex.start()
+    code, body = cancel(ex, "escape-7")
+    assert code == 200 and body["data"]["survivors"] == 0, body
+    wait_gone([orphan], 5)
 
 
 def test_without_cgroups_an_executor_restart_keeps_what_carried_the_marker(run_escape):
@@ -474,9 +519,10 @@ def test_two_executors_on_one_machine_and_port_never_share_a_case(start_executor
 
 
 CAPTOR = '''"""Puts the executor into its own cgroup, so that a cgroup.kill of the case would
-end the executor too, and ignores SIGTERM so that the kill comes."""
+end the executor too; with argv[2] == "ignore" it ignores SIGTERM so that the kill comes."""
 import os, signal, sys, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if sys.argv[2:] == ["ignore"]:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 mount = next(l.split()[1] for l in open("/proc/self/mounts") if l.split()[2] == "cgroup2")
 own = next(l.strip()[3:] for l in open("/proc/self/cgroup") if l.startswith("0::"))
 with open(os.path.join(mount, own.lstrip("/"), "cgroup.procs"), "w") as f:
@@ -486,8 +532,9 @@ time.sleep(300)
 '''
 
 
+@pytest.mark.parametrize("on_term", ["ignore", "exit"])
 def test_a_case_that_puts_the_executor_into_its_cgroup_does_not_get_it_killed(
-        start_executor, tmp_path):
+        start_executor, tmp_path, on_term):
     cases = tmp_path / "cases"
     cases.mkdir()
     (cases / "captor.py").write_text(CAPTOR)
@@ -496,7 +543,8 @@ def test_a_case_that_puts_the_executor_into_its_cgroup_does_not_get_it_killed(
         pytest.skip("no writable cgroup v2 here")
     done = tmp_path / "moved"
     code, body = ex.call("POST", "/test-case-execution/execute",
-                         {"taskId": "captor", "script": "captor.py", "args": [str(done)]})
+                         {"taskId": "captor", "script": "captor.py",
+                          "args": [str(done), on_term]})
     assert code == 200, body
     case = psutil.Process(body["data"]["pid"])
     wait_until(done.exists, 10, 0.02, "the executor to be moved")
@@ -507,3 +555,5 @@ def test_a_case_that_puts_the_executor_into_its_cgroup_does_not_get_it_killed(
     assert "task-captor" not in open(f"/proc/{ex.proc.pid}/cgroup").read()
     assert "moved itself back" in ex.log_text()
     assert_all_gone([(case.pid, case.create_time())])
+    wait_until(lambda: not os.path.exists(os.path.join(ex.cgroups, "task-captor")), 5, 0.05,
+               "the case's cgroup to be removed")

@@ -373,6 +373,32 @@ def test_start_answers_within_the_wait_while_an_executor_hangs(
     assert_all_gone(entries)
 
 
+def test_an_execute_still_waiting_in_its_lane_is_not_sent_after_the_stop(
+        start_executor, start_collector, pid_file):
+    """One call at a time to a frozen executor: the first execute is in flight, the
+    others wait behind it. After the stop, only the one in flight may reach it."""
+    lab = start_executor(host="127.0.0.2", name="lab")
+    col = start_collector([lab.address], read_timeout=10.0, stop_wait=0.3, retry_max=0.5,
+                          args=["--lane-workers", "1"])
+    paths = [pid_file() for _ in range(3)]
+    task = create(col, [fake_case(p) for p in paths])
+    os.kill(lab.proc.pid, signal.SIGSTOP)
+    try:
+        assert col.call("POST", f"/api/collect-task/{task['id']}/start")[0] == 200
+        assert stop(col, task["id"])[0] == 200
+    finally:
+        os.kill(lab.proc.pid, signal.SIGCONT)
+    wait_until(lambda: col.log_text().count("execute not sent: the instance is STOPPED") == 2,
+               15, 0.05, "the two waiting executes to be dropped")
+    wait_until(lambda: all(i["cancel"]["state"] in ("DELIVERED", "NOT_FOUND")
+                           for i in detail(col, task["id"])["instances"]),
+               15, 0.05, "every cancel to be confirmed")
+    started = lab.log_text().count("step=0 started")
+    assert started <= 1, f"{started} cases started after their task was stopped"
+    for p in paths:
+        wait_gone(read_pid_file(p), 10)
+
+
 def test_stop_as_cases_exit_on_their_own_has_one_final_state(
         start_executor, start_collector, pid_file):
     lab = start_executor(host="127.0.0.2", name="lab")

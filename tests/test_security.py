@@ -82,8 +82,9 @@ def test_a_report_needs_the_key_only_its_executor_was_given(start_executor, star
     """With no token at all (or only --api-token), a caller who can read the task
     still cannot mark its instance finished: the report route carries a key that
     was sent only to the executor, and no read of the API shows it."""
-    ex = start_executor(host="127.0.0.2")
-    col = start_collector([ex.address], env={"COLLECTOR_API_TOKENS": "ui:" + TOKEN})
+    ex = start_executor(host="127.0.0.2", args=["--log-level", "DEBUG"])
+    col = start_collector([ex.address], env={"COLLECTOR_API_TOKENS": "ui:" + TOKEN},
+                          args=["--log-level", "DEBUG"])
     code, resp = col.call("POST", "/api/collect-task",
                           {"name": "keyed", "cases": [fake_case(pid_file())]}, token=TOKEN)
     assert code == 201, resp
@@ -103,6 +104,13 @@ def test_a_report_needs_the_key_only_its_executor_was_given(start_executor, star
     assert db_dump(col.db) == before
     code, resp = col.call("POST", f"/api/collect-task/{task['id']}/stop", token=TOKEN)
     assert code == 200, resp
+    wait_until(lambda: detail(col, task["id"])["instances"][0]["steps"], 10, 0.05,
+               "the executor's report")
+    assert "/report/***" in col.log_text(), "the request line of the report is logged"
+    assert key not in col.log_text() and key not in ex.log_text()
+    # Both databases hold report keys or URLs: owner only.
+    for db in (col.db, ex.db):
+        assert os.stat(db).st_mode & 0o077 == 0, oct(os.stat(db).st_mode)
 
 
 def test_reports_need_the_executor_token(start_executor, start_collector, pid_file):
