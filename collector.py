@@ -48,6 +48,9 @@ EXECUTOR_ADDRESS_RE = re.compile(
 MAX_CASES = 1000
 MAX_NAME = 200
 MAX_REPORT_STEPS = 50           # an execution has at most 50 steps (check_steps)
+# What an executor reports of each step (Executor.report), and the types allowed.
+REPORT_STEP_FIELDS = {"index": (int,), "script": (str,), "always": (bool,), "state": (str,),
+                      "exitCode": (int, type(None)), "note": (str, type(None))}
 
 
 @dataclasses.dataclass
@@ -654,6 +657,14 @@ def report_steps(steps):
             or not all(isinstance(s, dict) for s in steps)):
         raise BadRequest(f"'steps' must be null or a list of at most {MAX_REPORT_STEPS} "
                          "objects")
+    for i, step in enumerate(steps):
+        for name, value in step.items():
+            kinds = REPORT_STEP_FIELDS.get(name)
+            if kinds is None:
+                raise BadRequest(f"steps[{i}] has an unknown field {name[:50]!r}; known: "
+                                 f"{', '.join(REPORT_STEP_FIELDS)}")
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise BadRequest(f"steps[{i}].{name} has the wrong type")
     return json.dumps(steps)
 
 

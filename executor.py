@@ -657,8 +657,13 @@ def become_subreaper():
 
 
 def boot_time():
-    with open("/proc/stat") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    """When the machine booted; 0 without /proc, where only collector.py (which
+    imports the plumbing above) may run."""
+    try:
+        with open("/proc/stat") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    except OSError:
+        return 0
 
 
 BOOT_TIME = boot_time()

@@ -425,7 +425,10 @@ def test_a_report_with_bad_steps_changes_nothing(start_executor, start_collector
     report = {"executionTaskId": inst["executionTaskId"], "status": "SUCCESS", "exitCode": 0}
     before = db_dump(col.db)
     for steps, words in [("x", "list of at most 50 objects"), ({"index": 0}, "list"),
-                         ([{"index": 0}, "step"], "objects"), ([{}] * 51, "at most 50")]:
+                         ([{"index": 0}, "step"], "objects"), ([{}] * 51, "at most 50"),
+                         ([{"index": 0, "html": "<b>"}], "unknown field 'html'"),
+                         ([{"index": "0"}], "steps[0].index"), ([{"index": True}], "index"),
+                         ([{"state": "SUCCESS"}, {"exitCode": 1.5}], "steps[1].exitCode")]:
         code, body = col.call("POST", route, {**report, "steps": steps})
         assert code == 400, (steps if len(str(steps)) < 200 else len(str(steps)), body)
         assert_envelope(body, 400)
