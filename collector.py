@@ -84,8 +84,17 @@ INSTANCE_MOVES = {
 }
 UNFINISHED = (PENDING, DISPATCHING, RUNNING)
 
-# What happened to the cancel of one instance.
-NOT_NEEDED, DELIVERED, NOT_FOUND = "NOT_NEEDED", "DELIVERED", "NOT_FOUND"
+# What happened to the cancel of one instance: PENDING ones are retried until the
+# executor confirms (DELIVERED), says it has no such task (NOT_FOUND), or calls
+# the request malformed (FAILED). A stop sets the first state together with the
+# instance's status (move_instance); every later change goes through move_cancel.
+NOT_NEEDED, CANCEL_PENDING, DELIVERED, NOT_FOUND = (
+    "NOT_NEEDED", "PENDING", "DELIVERED", "NOT_FOUND")
+CANCEL_MOVES = {
+    NOT_NEEDED: (CANCEL_PENDING,),          # an execute answered after the stop
+    NOT_FOUND: (CANCEL_PENDING,),           # ... whose first cancel came too early
+    CANCEL_PENDING: (CANCEL_PENDING, DELIVERED, NOT_FOUND, FAILED),
+}
 
 
 def move_task(conn, task_id, to, **fields):
@@ -94,6 +103,15 @@ def move_task(conn, task_id, to, **fields):
     if moved:
         log.info("task=%s status -> %s", task_id, to)
     return moved
+
+
+def move_cancel(conn, inst, to, only_from=None, **fields):
+    """The one place an instance's cancel state changes after the stop set it;
+    only_from narrows the moves allowed (an attempt's outcome counts only while
+    the cancel is still pending)."""
+    moves = {s: t for s, t in CANCEL_MOVES.items() if only_from is None or s in only_from}
+    return compare_and_set(conn, "test_case_execution_instance", "id", inst["id"],
+                           moves, to, column="cancel_state", **fields)
 
 
 def move_instance(conn, inst, to, **fields):
@@ -181,7 +199,7 @@ class Collector:
             # Whether an execute cut short by a restart started its case is unknown:
             # fail the instance and cancel it, which is harmless if nothing runs.
             interrupted = sum(
-                move_instance(c, r, FAILED, finished_at=now, cancel_state="PENDING",
+                move_instance(c, r, FAILED, finished_at=now, cancel_state=CANCEL_PENDING,
                               error="collector restarted during dispatch")
                 for r in c.execute("SELECT * FROM test_case_execution_instance"
                                    " WHERE status = ?", (DISPATCHING,)).fetchall())
@@ -351,10 +369,10 @@ class Collector:
                     return
                 # Stopped while the execute was in flight: its cancel may have
                 # reached the executor first and found nothing, so send another.
-                c.execute("UPDATE test_case_execution_instance SET cancel_state = 'PENDING',"
-                          " cancel_next_at = ? WHERE id = ? AND status = ?"
-                          " AND cancel_state IN ('NOT_FOUND', 'NOT_NEEDED')",
-                          (time.time(), inst["id"], STOPPED))
+                now = c.execute("SELECT status FROM test_case_execution_instance"
+                                " WHERE id = ?", (inst["id"],)).fetchone()
+                if now["status"] == STOPPED:
+                    move_cancel(c, inst, CANCEL_PENDING, cancel_next_at=time.time())
             self.retry_due.set()
         else:
             self.dispatch_failed(inst, f"executor answered HTTP {code}: {payload.get('message')}",
@@ -364,7 +382,7 @@ class Collector:
         with self.db.transaction() as c:
             fields = dict(finished_at=time.time(), error=error)
             if may_have_started:
-                fields.update(cancel_state="PENDING", cancel_next_at=time.time())
+                fields.update(cancel_state=CANCEL_PENDING, cancel_next_at=time.time())
             move_instance(c, inst, FAILED, **fields)
         if may_have_started:
             self.retry_due.set()
@@ -390,7 +408,7 @@ class Collector:
                                   (task_id, *UNFINISHED)).fetchall():
                 dispatched = inst["status"] != PENDING
                 move_instance(c, inst, STOPPED, finished_at=now,
-                              cancel_state="PENDING" if dispatched else NOT_NEEDED,
+                              cancel_state=CANCEL_PENDING if dispatched else NOT_NEEDED,
                               cancel_attempts=1 if dispatched else 0,
                               cancel_next_at=now + self.lease() if dispatched else None)
                 if dispatched:
@@ -431,16 +449,14 @@ class Collector:
         elif code == 400:
             state, fields = FAILED, dict(cancel_error=error)     # retrying cannot help
         else:
-            state, fields = "PENDING", dict(
+            state, fields = CANCEL_PENDING, dict(
                 cancel_error=error, cancel_next_at=now + backoff(attempt, self.config.retry_max))
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        self.db.run(f"UPDATE test_case_execution_instance SET cancel_state = ?, {sets}"
-                    " WHERE id = ? AND cancel_state = 'PENDING'",
-                    (state, *fields.values(), inst["id"]))
+        with self.db.transaction() as c:
+            move_cancel(c, inst, state, only_from=(CANCEL_PENDING,), **fields)
         log_at = logging.INFO if state in (DELIVERED, NOT_FOUND) else logging.WARNING
         log.log(log_at, "%s cancel attempt %d: %s in %dms%s", where, attempt, state, ms,
                 f" ({error})" if error else "")
-        if state == "PENDING":
+        if state == CANCEL_PENDING:
             self.retry_due.set()    # the retrier's next wake-up depends on this outcome
         else:
             self.confirm_stop_if_complete(inst["collect_task_id"])

@@ -134,16 +134,17 @@ class Database:
         return self.conn().execute(sql, args).rowcount
 
 
-def compare_and_set(conn, table, key, key_value, moves, to, **fields):
-    """Move a row to state `to` only from a state `moves` allows; True if it moved.
+def compare_and_set(conn, table, key, key_value, moves, to, column="status", **fields):
+    """Move a row's `column` to state `to` only from a state `moves` allows; True
+    if it moved.
 
-    The single place a status changes, so a late writer can never overwrite a
+    The single place a state changes, so a late writer can never overwrite a
     state it was not allowed to leave (a report after STOPPED, say)."""
     allowed = [s for s, targets in moves.items() if to in targets]
-    sets = ", ".join(["status = ?"] + [f"{k} = ?" for k in fields])
+    sets = ", ".join([f"{column} = ?"] + [f"{k} = ?" for k in fields])
     marks = ", ".join("?" * len(allowed))
     cur = conn.execute(
-        f"UPDATE {table} SET {sets} WHERE {key} = ? AND status IN ({marks})",
+        f"UPDATE {table} SET {sets} WHERE {key} = ? AND {column} IN ({marks})",
         [to, *fields.values(), key_value, *allowed])
     return cur.rowcount == 1
 

@@ -126,6 +126,29 @@ def test_retries_back_off_exponentially_up_to_the_cap():
     assert backoff(0, 30) == 0.5 and backoff(50, 30) == 30 and backoff(3, 0.5) == 0.5
 
 
+def test_a_cancel_state_moves_only_as_the_table_allows():
+    from collector import move_cancel
+    from executor import Database
+    db = Database(":memory:")
+    c = db.conn()
+    c.execute("INSERT INTO collect_task (id, name, created_at) VALUES (1, 't', 0)")
+    c.execute("INSERT INTO test_case_execution_instance (id, collect_task_id, script, executor,"
+              " execution_task_id, report_key, created_at) VALUES (1, 1, 's', 'h:1', 'e', 'k', 0)")
+    inst = {"id": 1}
+
+    def state():
+        return c.execute("SELECT cancel_state FROM test_case_execution_instance").fetchone()[0]
+    assert not move_cancel(c, inst, "DELIVERED") and state() == "NOT_NEEDED"
+    assert move_cancel(c, inst, "PENDING") and state() == "PENDING"
+    assert move_cancel(c, inst, "NOT_FOUND", only_from=("PENDING",)) and state() == "NOT_FOUND"
+    # A stale attempt's "still pending" never reopens what an executor answered ...
+    assert not move_cancel(c, inst, "PENDING", only_from=("PENDING",))
+    # ... but an execute answered after the stop does.
+    assert move_cancel(c, inst, "PENDING") and state() == "PENDING"
+    assert move_cancel(c, inst, "DELIVERED", only_from=("PENDING",))
+    assert not move_cancel(c, inst, "PENDING") and state() == "DELIVERED"
+
+
 def test_an_executor_back_from_the_dead_gets_its_cancel_and_ends_the_tree(
         start_executor, start_collector, pid_file):
     lab = start_executor(host="127.0.0.2", name="lab")
