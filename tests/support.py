@@ -308,6 +308,15 @@ def drop_cap_kill():
         raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
 
 
+def cases_dir(tmp_path, **scripts):
+    """A cases directory for an executor, holding <name>.py for each name=source."""
+    cases = tmp_path / "cases"
+    cases.mkdir(exist_ok=True)
+    for name, source in scripts.items():
+        (cases / f"{name}.py").write_text(source)
+    return cases
+
+
 def fake_case(path, *args):
     return {"script": "fake_case.py", "args": ["--pid-file", path, *args]}
 

@@ -12,8 +12,8 @@ import uuid
 import psutil
 import pytest
 
-from support import (ROOT, assert_all_gone, drop_cap_kill, free_port, read_pid_file, running,
-                     wait_gone, wait_pid_file, wait_until)
+from support import (ROOT, assert_all_gone, cases_dir, drop_cap_kill, free_port, read_pid_file,
+                     running, wait_gone, wait_pid_file, wait_until)
 
 GRACE = 1.0
 
@@ -485,10 +485,8 @@ def test_an_escapee_left_behind_by_a_finished_case_is_ended(run_escape):
 
 
 def test_a_case_runs_inside_its_cgroup_from_its_first_instruction(start_executor, tmp_path):
-    cases = tmp_path / "cases"
-    cases.mkdir()
-    (cases / "where.py").write_text(
-        "import sys\nopen(sys.argv[1], 'w').write(open('/proc/self/cgroup').read())\n")
+    cases = cases_dir(tmp_path, where=(
+        "import sys\nopen(sys.argv[1], 'w').write(open('/proc/self/cgroup').read())\n"))
     ex = start_executor(cases_dir=cases)
     if not ex.cgroups:
         pytest.skip("no writable cgroup v2 here")
@@ -535,9 +533,7 @@ time.sleep(300)
 @pytest.mark.parametrize("on_term", ["ignore", "exit"])
 def test_a_case_that_puts_the_executor_into_its_cgroup_does_not_get_it_killed(
         start_executor, tmp_path, on_term):
-    cases = tmp_path / "cases"
-    cases.mkdir()
-    (cases / "captor.py").write_text(CAPTOR)
+    cases = cases_dir(tmp_path, captor=CAPTOR)
     ex = start_executor(cases_dir=cases, grace=0.3)
     if not ex.cgroups:
         pytest.skip("no writable cgroup v2 here")

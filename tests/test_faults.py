@@ -10,9 +10,9 @@ import time
 import pytest
 
 from executor import backoff
-from support import (SilentListener, assert_all_gone, create, detail, drop_cap_kill, fake_case,
-                     read_pid_file, running, start, stop, wait_gone, wait_pid_file, wait_task,
-                     wait_until)
+from support import (SilentListener, assert_all_gone, cases_dir, create, detail, drop_cap_kill,
+                     fake_case, read_pid_file, running, start, stop, wait_gone, wait_pid_file,
+                     wait_task, wait_until)
 
 
 def execution_ids(task):
@@ -273,9 +273,7 @@ def test_a_process_that_cannot_be_ended_keeps_the_cancel_open_until_it_is_gone(
     """The design's 'process cannot be terminated', end to end: the cancel says
     so (500, its pid), the execution is not marked cancelled, the collector
     keeps retrying, and the stop completes once the process is gone."""
-    cases = tmp_path / "cases"
-    cases.mkdir()
-    (cases / "unkillable.py").write_text(UNKILLABLE)
+    cases = cases_dir(tmp_path, unkillable=UNKILLABLE)
     lab = start_executor(host="127.0.0.2", name="lab", grace=0.3, cases_dir=str(cases),
                          args=["--cgroups", "off"], preexec=drop_cap_kill)
     col = start_collector([lab.address])

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from support import create, detail, fake_case, http_json, start, stop, wait_pid_file, wait_until
+from support import (cases_dir, create, detail, fake_case, http_json, start, stop, wait_pid_file,
+                     wait_until)
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
                     r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*)?\})? (\S+)$')
@@ -249,9 +250,7 @@ while time.time() < deadline:
 
 
 def test_a_chatty_case_cannot_fill_the_disk(start_executor, tmp_path):
-    cases = tmp_path / "cases"
-    cases.mkdir()
-    (cases / "chatty.py").write_text(CHATTY)
+    cases = cases_dir(tmp_path, chatty=CHATTY)
     cap = 100_000
     lab = start_executor(cases_dir=cases, args=["--log-max-bytes", str(cap)])
     code, body = lab.call("POST", "/test-case-execution/execute",
@@ -279,9 +278,7 @@ for _ in range(int(sys.argv[1])):
 def test_a_case_that_floods_its_log_leaves_at_most_the_cap(start_executor, tmp_path):
     """Faster than the watcher looks: the copy holds the newest half of the cap,
     and the log itself is capped when the step ends."""
-    cases = tmp_path / "cases"
-    cases.mkdir()
-    (cases / "flood.py").write_text(FLOOD)
+    cases = cases_dir(tmp_path, flood=FLOOD)
     cap = 1_000_000
     lab = start_executor(cases_dir=cases, args=["--log-max-bytes", str(cap)])
     code, body = lab.call("POST", "/test-case-execution/execute",

@@ -9,8 +9,8 @@ import pytest
 
 import collector as collector_module
 import executor as executor_module
-from support import (create, db_dump, detail, fake_case, http_json, report_route, start, stop,
-                     wait_pid_file, wait_until)
+from support import (cases_dir, create, db_dump, detail, fake_case, http_json, report_route,
+                     start, stop, wait_pid_file, wait_until)
 
 TOKEN = "s3cret-shared"
 API_TOKENS = "alice:alice-key,bob:bob-key"
@@ -19,6 +19,16 @@ API_TOKENS = "alice:alice-key,bob:bob-key"
 def case_processes(ex):
     import psutil
     return sorted(p.pid for p in psutil.Process(ex.proc.pid).children(recursive=True))
+
+
+def one_running_instance(start_executor, start_collector, pid_file):
+    """An executor and a collector with one started task of one fake case:
+    (executor, collector, task, instance)."""
+    ex = start_executor(host="127.0.0.2")
+    col = start_collector([ex.address])
+    task = create(col, [fake_case(pid_file())])
+    start(col, task["id"])
+    return ex, col, task, detail(col, task["id"])["instances"][0]
 
 
 def assert_envelope(body, code):
@@ -164,11 +174,9 @@ def test_the_cases_list_offers_only_what_may_run(start_executor, tmp_path):
 
 def test_a_case_gets_the_executor_environment_and_marker_but_no_secrets(
         start_executor, tmp_path):
-    cases = tmp_path / "cases"
-    cases.mkdir()
-    (cases / "env_dump.py").write_text(
+    cases = cases_dir(tmp_path, env_dump=(
         "import json, os, sys\n"
-        "json.dump(dict(os.environ), open(sys.argv[1], 'w'))\n")
+        "json.dump(dict(os.environ), open(sys.argv[1], 'w'))\n"))
     ex = start_executor(cases_dir=cases, env={"CASE_EXEC_TOKEN": TOKEN,
                                              "COLLECTOR_API_TOKENS": API_TOKENS,
                                              "LAB_SETTING": "kept"})
@@ -187,10 +195,8 @@ def test_a_case_gets_the_executor_environment_and_marker_but_no_secrets(
 
 
 def test_arguments_are_never_given_to_a_shell(start_executor, tmp_path):
-    cases = tmp_path / "cases"
-    cases.mkdir()
-    (cases / "argv_dump.py").write_text(
-        "import json, sys\njson.dump(sys.argv[1:], open(sys.argv[1], 'w'))\n")
+    cases = cases_dir(tmp_path, argv_dump=(
+        "import json, sys\njson.dump(sys.argv[1:], open(sys.argv[1], 'w'))\n"))
     ex = start_executor(cases_dir=cases)
     out = tmp_path / "argv.json"
     hostile = [str(out), "; touch /tmp/pwned-by-args", "$(id)", "`id`", "a b", "*"]
@@ -389,11 +395,7 @@ COLLECTOR_BAD = [
 
 @pytest.mark.timeout(120)
 def test_bad_requests_to_the_collector_change_nothing(start_executor, start_collector, pid_file):
-    ex = start_executor(host="127.0.0.2")
-    col = start_collector([ex.address])
-    task = create(col, [fake_case(pid_file())])
-    start(col, task["id"])
-    inst = detail(col, task["id"])["instances"][0]
+    ex, col, task, inst = one_running_instance(start_executor, start_collector, pid_file)
     before_db, before_procs = db_dump(col.db), case_processes(ex)
     for method, route, raw, code, words in COLLECTOR_BAD:
         route = route.format(task=task["id"], inst=inst["id"],
@@ -416,11 +418,7 @@ def steps_of_size(size, count=1):
 
 
 def test_a_report_with_bad_steps_changes_nothing(start_executor, start_collector, pid_file):
-    ex = start_executor(host="127.0.0.2")
-    col = start_collector([ex.address])
-    task = create(col, [fake_case(pid_file())])
-    start(col, task["id"])
-    inst = detail(col, task["id"])["instances"][0]
+    ex, col, task, inst = one_running_instance(start_executor, start_collector, pid_file)
     route = report_route(col, inst["id"])
     report = {"executionTaskId": inst["executionTaskId"], "status": "SUCCESS", "exitCode": 0}
     before = db_dump(col.db)
