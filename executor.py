@@ -918,13 +918,11 @@ def cgroup_go_home(home):
     too. Then a cgroup.kill of the case would end the executor, its cgroup could
     not be removed, and later cases would start inside it: move back to home (the
     executor's own cgroup). True if the executor is there."""
-    def where():
-        with open("/proc/self/cgroup") as f:
-            return next(line.strip()[3:] for line in f if line.startswith("0::"))
     try:
-        if os.path.join(CGROUP_MOUNT, where().lstrip("/")).rstrip("/") == home.rstrip("/"):
+        with open("/proc/self/cgroup") as f:
+            away = next(line.strip()[3:] for line in f if line.startswith("0::"))
+        if os.path.join(CGROUP_MOUNT, away.lstrip("/")).rstrip("/") == home.rstrip("/"):
             return True
-        away = where()
         with open(os.path.join(home, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
         log.warning("the executor itself was put into %s; moved itself back", away)
@@ -1229,6 +1227,7 @@ class Executor:
         self.cgroups = (cgroup_base(re.sub(r"[^A-Za-z0-9.-]", "_",
                                            f"case-executor-{config.host}-{config.port}"))
                         if config.cgroups == "auto" else None)
+        self.cgroup_home = os.path.dirname(self.cgroups) if self.cgroups else None
         self.child_started = threading.Event()
         self.report_due = threading.Event()
         self.stopping = threading.Event()
@@ -1535,7 +1534,7 @@ class Executor:
             moved = False
         else:
             if self.cgroups:
-                cgroup_go_home(os.path.dirname(self.cgroups))
+                cgroup_go_home(self.cgroup_home)
                 cgroup_remove(self.task_cgroup(ex.task_id))
             with ex.save_lock, self.db.transaction() as c:
                 self.save_steps(ex, c)
@@ -1666,9 +1665,8 @@ class Executor:
         finders = [u.find() for u in units]
         quick_finders = [u.find_quick() for u in units]
         cgroups = [u.cgroup for u in units if u.cgroup]
-        home = os.path.dirname(self.cgroups) if cgroups else None
         if cgroups:
-            cgroup_go_home(home)
+            cgroup_go_home(self.cgroup_home)
 
         def find():
             return [p for f in finders for p in f()]
@@ -1678,12 +1676,12 @@ class Executor:
 
         def kill_all():
             for cg in cgroups:
-                cgroup_kill(cg, home)
+                cgroup_kill(cg, self.cgroup_home)
         result = stop_tree(find, ex.grace, kill_all=kill_all if cgroups else None,
                            find_quick=find_quick if cgroups else None)
         if not result.survivors:
             if cgroups:
-                cgroup_go_home(home)    # once more: it may have been moved meanwhile
+                cgroup_go_home(self.cgroup_home)    # once more: it may have moved meanwhile
             for cg in cgroups:
                 cgroup_remove(cg)
         m = self.metrics
