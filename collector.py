@@ -28,11 +28,12 @@ from urllib.parse import urlencode
 
 import bottle
 
-from executor import (CONNECT_TIMEOUT, READ_TIMEOUT, TOKEN_ENV, ApiError, BadGateway,
-                      BadRequest, CallFailed, Conflict, Database, Metrics, NotFound, backoff,
-                      call_json, check_steps, compare_and_set, envelope, header_text,
-                      is_loopback, json_body, make_bottle, make_server, parse_tokens,
-                      require_token, run_server, seconds, serve_metrics, setup_logging)
+from executor import (CONNECT_TIMEOUT, COUNT, PORT, POSITIVE_SECONDS, READ_TIMEOUT, SECONDS,
+                      TOKEN_ENV, ApiError, BadGateway, BadRequest, CallFailed, Conflict,
+                      Database, Metrics, NotFound, backoff, call_json, check_steps,
+                      compare_and_set, envelope, header_text, is_loopback, json_body,
+                      make_bottle, make_server, parse_tokens, require_token, run_server,
+                      seconds, serve_metrics, setup_logging)
 
 log = logging.getLogger("collector")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -500,6 +501,13 @@ class Collector:
     # -- reports from executors --------------------------------------------------
 
     def report(self, instance_id, key, body):
+        # The key first: who has not got it learns nothing, not even what a body needs.
+        # It went only to the executor this instance was dispatched to, so nobody
+        # who can merely read the task can mark it finished.
+        inst = self.db.one("SELECT report_key FROM test_case_execution_instance WHERE id = ?",
+                           (instance_id,))
+        if inst is None or not hmac.compare_digest(inst["report_key"].encode(), key.encode()):
+            raise NotFound(f"instance {instance_id} with that report key not found")
         execution_task_id = body.get("executionTaskId")
         status, exit_code = body.get("status"), body.get("exitCode")
         if status not in (SUCCESS, FAILED, "CANCELLED", "TIMEOUT"):
@@ -517,11 +525,6 @@ class Collector:
         with self.db.transaction() as c:
             inst = c.execute("SELECT * FROM test_case_execution_instance WHERE id = ?",
                              (instance_id,)).fetchone()
-            # The key went only to the executor this instance was dispatched to, so
-            # nobody who can merely read the task can mark it finished.
-            if inst is None or not hmac.compare_digest(inst["report_key"].encode(),
-                                                       key.encode()):
-                raise NotFound(f"instance {instance_id} with that report key not found")
             if inst["execution_task_id"] != execution_task_id:
                 raise Conflict("executionTaskId does not match this instance")
             to = {"CANCELLED": STOPPED, "TIMEOUT": FAILED}.get(status, status)
@@ -733,14 +736,14 @@ def make_app(config):
 
     @app.post("/api/collect-task/<task_id>/stop")
     def stop(task_id):
-        token_name = caller()
-        task_id = positive_id(task_id, "task id")
-        body = json_body()
-        reason = body.get("reason")
-        if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
-            raise BadRequest("'reason' must be a string of at most 1000 characters")
-        who = header_text("X-User") or token_name
-        try:
+        try:        # every stop request is counted, refused ones too
+            token_name = caller()
+            task_id = positive_id(task_id, "task id")
+            body = json_body()
+            reason = body.get("reason")
+            if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
+                raise BadRequest("'reason' must be a string of at most 1000 characters")
+            who = header_text("X-User") or token_name
             detail, message = service.stop_task(task_id, reason, who)
         except ApiError as e:
             outcome = {404: "not_found", 409: "finished"}.get(e.status_code, "rejected")
@@ -791,22 +794,22 @@ def parse_args(argv, defaults=CollectorConfig()):
     env = os.environ.get
     p = argparse.ArgumentParser(description="DataCollectService: collect tasks and Stop.")
     p.add_argument("--host", default=env("COLLECTOR_HOST", defaults.host))
-    p.add_argument("--port", type=int, default=env("COLLECTOR_PORT", str(defaults.port)))
+    p.add_argument("--port", type=PORT, default=env("COLLECTOR_PORT", str(defaults.port)))
     p.add_argument("--db", default=env("COLLECTOR_DB", defaults.db), help="SQLite file")
     p.add_argument("--executor", action="append", default=[], metavar="HOST:PORT",
                    help="an executor cases may run on (repeatable)")
-    p.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout,
+    p.add_argument("--connect-timeout", type=POSITIVE_SECONDS, default=defaults.connect_timeout,
                    help="seconds to connect to an executor (default 10)")
-    p.add_argument("--read-timeout", type=float, default=defaults.read_timeout,
+    p.add_argument("--read-timeout", type=POSITIVE_SECONDS, default=defaults.read_timeout,
                    help="seconds to wait for an executor's answer (default 30)")
-    p.add_argument("--stop-wait", type=float, default=defaults.stop_wait,
+    p.add_argument("--stop-wait", type=SECONDS, default=defaults.stop_wait,
                    help="the stop and start APIs answer within this many seconds (default 3)")
-    p.add_argument("--retry-max", type=float, default=defaults.retry_max,
+    p.add_argument("--retry-max", type=POSITIVE_SECONDS, default=defaults.retry_max,
                    help="cap of the backoff between attempts of a pending cancel (default 30)")
-    p.add_argument("--lane-workers", type=int, default=defaults.lane_workers,
+    p.add_argument("--lane-workers", type=COUNT, default=defaults.lane_workers,
                    help="calls in flight to one executor at a time (default 16); each "
                         "executor has its own, so a hung one never holds up the others")
-    p.add_argument("--max-grace-seconds", type=float, default=defaults.max_grace_seconds,
+    p.add_argument("--max-grace-seconds", type=SECONDS, default=defaults.max_grace_seconds,
                    help="the largest graceSeconds a case may ask for (default 60); keep it "
                         "at most the executors' own --max-grace-seconds")
     p.add_argument("--advertise", default="",
@@ -829,10 +832,6 @@ def parse_args(argv, defaults=CollectorConfig()):
     if a.host in ("0.0.0.0", "::", "[::]") and not a.advertise:
         p.error(f"--host {a.host} needs --advertise HOST:PORT: the address executors "
                 "report back to")
-    if a.lane_workers < 1:
-        p.error("--lane-workers must be at least 1")
-    if not 0 <= a.max_grace_seconds < float("inf"):
-        p.error("--max-grace-seconds must be a number of seconds, 0 or more")
     executors = a.executor or [e for e in env("COLLECTOR_EXECUTORS", "").split(",") if e]
     for address in executors:
         try:

@@ -304,6 +304,27 @@ def whole_number(text):
     return int(text) if isinstance(text, str) and re.fullmatch(r"[0-9]{1,18}", text) else None
 
 
+def flag_type(convert, ok, what):
+    """An argparse type: a command-line value converted, then checked; a bad one
+    is a usage error that says what is wanted."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+SECONDS = flag_type(float, lambda v: 0 <= v < float("inf"), "a number of seconds, 0 or more")
+POSITIVE_SECONDS = flag_type(float, lambda v: 0 < v < float("inf"),
+                             "a number of seconds above 0")
+PORT = flag_type(int, lambda v: 0 <= v <= 65535, "a port from 0 to 65535")
+COUNT = flag_type(int, lambda v: v >= 1, "a whole number, 1 or more")
+
+
 def string_list(value, name, max_items=1000, max_length=32768):
     """A list of plain strings: no NUL (it cannot reach a program's argv), bounded."""
     if (not isinstance(value, list) or len(value) > max_items
@@ -1855,11 +1876,20 @@ class Executor:
         try:
             code, payload = call_json(url.netloc, "POST", url.path, body, self.config.token,
                                       self.config.connect_timeout, self.config.read_timeout)
-            error = None if code < 500 else f"HTTP {code}: {payload.get('message')}"
+            error = None if code < 300 else f"HTTP {code}: {payload.get('message')}"
         except CallFailed as e:
-            error = e.text
+            code, error = None, e.text
         ms = int((time.monotonic() - started) * 1000)
-        if error is None:
+        if code in (400, 404, 409):
+            # The collector will never take this report (unknown instance or key,
+            # another execution): retrying cannot help. A 401 may, once tokens agree.
+            self.db.run("UPDATE execution SET report_state = 'REJECTED', report_attempts = ?,"
+                        " report_error = ? WHERE task_id = ?", (attempts, error, row["task_id"]))
+            log.error("task=%s report of %s rejected by the collector in %dms: %s",
+                      row["task_id"], row["status"], ms, error)
+            self.metrics.inc("reports_total", outcome="rejected")
+            next_try.pop(row["task_id"], None)
+        elif error is None:
             self.db.run("UPDATE execution SET report_state = 'DELIVERED', report_attempts = ?,"
                         " report_error = NULL WHERE task_id = ?", (attempts, row["task_id"]))
             log.info("task=%s reported %s to collector (HTTP %s) in %dms", row["task_id"],
@@ -2052,7 +2082,7 @@ def parse_args(argv, defaults=ExecutorConfig()):
     env = os.environ.get
     p = argparse.ArgumentParser(description="CaseExecuteService: run and cancel case scripts.")
     p.add_argument("--host", default=env("EXECUTOR_HOST", defaults.host))
-    p.add_argument("--port", type=int, default=env("EXECUTOR_PORT", str(defaults.port)))
+    p.add_argument("--port", type=PORT, default=env("EXECUTOR_PORT", str(defaults.port)))
     p.add_argument("--cases-dir", default=env("EXECUTOR_CASES_DIR", defaults.cases_dir),
                    help="scripts are taken from here only")
     p.add_argument("--db", default=env("EXECUTOR_DB", defaults.db), help="SQLite file")
@@ -2060,10 +2090,10 @@ def parse_args(argv, defaults=ExecutorConfig()):
                    help="per-task stdout/stderr logs")
     p.add_argument("--work-dir", default=env("EXECUTOR_WORK_DIR", defaults.work_dir),
                    help="each case runs in <work-dir>/<taskId>")
-    p.add_argument("--grace-seconds", type=float,
-                   default=float(env("EXECUTOR_GRACE_SECONDS", defaults.grace_seconds)),
+    p.add_argument("--grace-seconds", type=SECONDS,
+                   default=env("EXECUTOR_GRACE_SECONDS", str(defaults.grace_seconds)),
                    help="time between SIGTERM and SIGKILL (default 5)")
-    p.add_argument("--max-grace-seconds", type=float, default=defaults.max_grace_seconds,
+    p.add_argument("--max-grace-seconds", type=SECONDS, default=defaults.max_grace_seconds,
                    help="the largest graceSeconds an execution may ask for (default 60)")
     p.add_argument("--keep-leftovers", action="store_true",
                    help="do not end processes a case leaves behind when it exits by itself")
@@ -2072,17 +2102,19 @@ def parse_args(argv, defaults=ExecutorConfig()):
                         "arguments are visible in ps)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without a token")
-    p.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout)
-    p.add_argument("--read-timeout", type=float, default=defaults.read_timeout)
-    p.add_argument("--log-max-bytes", type=int, default=defaults.log_max_bytes,
+    p.add_argument("--connect-timeout", type=POSITIVE_SECONDS, default=defaults.connect_timeout)
+    p.add_argument("--read-timeout", type=POSITIVE_SECONDS, default=defaults.read_timeout)
+    p.add_argument("--log-max-bytes", type=COUNT, default=defaults.log_max_bytes,
                    help="cap of a case log; one older copy (<taskId>.log.1) is kept")
-    p.add_argument("--log-retention-days", type=float, default=defaults.log_retention_days,
+    p.add_argument("--log-retention-days", type=SECONDS, default=defaults.log_retention_days,
                    help="case logs of finished cases older than this are removed")
     p.add_argument("--cgroups", choices=("auto", "off"), default=defaults.cgroups,
                    help="auto: run each case in its own cgroup v2 when allowed (default)")
     p.add_argument("--log-level", default=env("EXECUTOR_LOG_LEVEL", "INFO"))
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     a = p.parse_args(argv)
+    if not os.path.isdir(a.cases_dir):
+        p.error(f"--cases-dir {a.cases_dir!r} is not a directory")
     if not a.token and not a.insecure and not is_loopback(a.host):
         p.error(f"refusing to listen on {a.host} without a token: anyone who can reach it "
                 f"could run and kill processes. Set ${TOKEN_ENV} (or --token), or pass "

@@ -18,7 +18,7 @@ CREATE TABLE IF NOT EXISTS execution (
     exit_code        INTEGER,
     log_path         TEXT,
     report_url       TEXT,                           -- where the collector wants the outcome
-    report_state     TEXT NOT NULL DEFAULT 'NONE',   -- NONE PENDING DELIVERED
+    report_state     TEXT NOT NULL DEFAULT 'NONE',   -- NONE PENDING DELIVERED REJECTED
     report_attempts  INTEGER NOT NULL DEFAULT 0,
     report_error     TEXT,
     stop_result      TEXT,                           -- JSON of the last tree stop

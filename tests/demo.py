@@ -100,8 +100,8 @@ def demo():
         marker = os.path.join(base, "executor1", "work", instances[0]["executionTaskId"],
                               "rig-released.txt")
         released = wait_until(lambda: os.path.exists(marker), 15, 0.1, "the cleanup step")
-        say(f"  instance {instances[0]['id']}  cleanup step release_rig.py ran after the stop: "
-            f"{os.path.relpath(marker, base)} written")
+        say(f"  instance {instances[0]['id']}  cleanup step release_rig.py ran after the stop "
+            f"and wrote {os.path.basename(marker)} in the case's work directory")
         def left_over():
             return [p for procs in case_processes(instances).values() for p in procs]
         try:        # the cleanup step itself ends within a second
@@ -131,7 +131,7 @@ def run():
     collector, executors = start_services(base, ["127.0.0.1"], log_to_files=False)
     c, e = collector.address, executors[0].address
     say(f"""
-collector  http://{c}      executor  http://{e}   (Ctrl-C to stop both)
+collector  http://{c}      executor  http://{e}   (Ctrl-C stops the unfinished tasks, then both)
 
   curl -s -XPOST http://{c}/api/collect-task -d '{{"name": "try", "cases": [{{"script": "sysstat_sampler.py"}}, {{"script": "pool_collector.py"}}]}}'
   curl -s -XPOST http://{c}/api/collect-task/1/start
@@ -144,9 +144,28 @@ collector  http://{c}      executor  http://{e}   (Ctrl-C to stop both)
     except KeyboardInterrupt:
         pass
     finally:
+        stop_unfinished_tasks(collector, executors[0])
         collector.stop()
         executors[0].stop()
     return 0
+
+
+def stop_unfinished_tasks(collector, executor):
+    """Cases outlive their executor on purpose (it adopts them on restart), but the
+    next `make run` starts from an empty var/run/ and could not reach them: so
+    stop every unfinished task, and wait (bounded) until the executor runs nothing."""
+    try:
+        tasks = collector.call("GET", "/api/collect-task?limit=1000", timeout=5)[1]["data"]
+        for task in tasks:
+            if task["status"] in ("PENDING", "RUNNING"):
+                collector.call("POST", f"/api/collect-task/{task['id']}/stop",
+                               {"reason": "make run stopped"}, timeout=10)
+                say(f"stopped task {task['id']} ({task['name']})")
+        wait_until(lambda: not executor.call("GET", "/test-case-execution/tasks",
+                                             timeout=5)[1]["data"], 15, 0.2,
+                   "the executor to end every case")
+    except (OSError, AssertionError, KeyError, TypeError) as e:
+        say(f"could not stop every task before shutting down: {e}")
 
 
 def stop_on_term(signum, frame):

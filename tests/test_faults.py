@@ -420,6 +420,21 @@ def test_an_execute_still_waiting_in_its_lane_is_not_sent_after_the_stop(
         wait_gone(read_pid_file(p), 10)
 
 
+def test_a_report_the_collector_will_never_take_is_not_retried(start_executor, start_collector):
+    lab = start_executor(host="127.0.0.2", name="lab")
+    col = start_collector([lab.address])
+    url = f"http://{col.address}/api/execution-instance/424242/report/no-such-key"
+    code, body = lab.call("POST", "/test-case-execution/execute", {
+        "taskId": "unwanted", "script": "fake_case.py", "args": ["--duration", "0"],
+        "reportUrl": url})
+    assert code == 200, body
+    report = wait_until(lambda: (r := lab.call("GET", "/test-case-execution/status/unwanted")[1]
+                                 ["data"]["report"])["state"] == "REJECTED" and r,
+                        10, 0.05, "the report to be rejected")
+    assert report["attempts"] == 1 and "HTTP 404" in report["error"], report
+    assert "report of SUCCESS rejected by the collector" in lab.log_text()
+
+
 def test_stop_as_cases_exit_on_their_own_has_one_final_state(
         start_executor, start_collector, pid_file):
     lab = start_executor(host="127.0.0.2", name="lab")

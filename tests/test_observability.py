@@ -105,6 +105,11 @@ def test_a_real_stop_moves_each_indicator_by_the_right_amount(
     assert stop(col, 987654)[0] == 404
     assert delta(col_after, scrape(col), "collector_stop_requests_total",
                  '{outcome="not_found"}') == 1
+    # A refused request is a stop request too.
+    assert stop(col, task["id"], reason="r" * 1001)[0] == 400
+    assert col.call("POST", "/api/collect-task/x/stop")[0] == 400
+    assert delta(col_after, scrape(col), "collector_stop_requests_total",
+                 '{outcome="rejected"}') == 2
 
 
 def test_a_dying_tree_is_watched_in_its_cgroup_and_proc_is_scanned_once(start_executor, pid_file):

@@ -375,6 +375,8 @@ COLLECTOR_BAD = [
      b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "x"}', 404, "not found"),
     ("POST", "/api/execution-instance/{inst}/report/not-its-key",
      b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "x"}', 404, "report key"),
+    ("POST", "/api/execution-instance/{inst}/report/not-its-key", b'{"status": "DONE"}', 404,
+     "report key"),
     ("POST", "/api/execution-instance/{inst}/report",
      b'{"status": "SUCCESS", "exitCode": 0, "executionTaskId": "x"}', 404, "no such endpoint"),
     ("POST", "/api/execution-instance/x/report/k", b"{}", 400, "instance id"),
@@ -525,10 +527,25 @@ def test_raw_http_garbage_gets_an_envelope(start_executor, start_collector):
         assert_envelope(json.loads(payload), int(head.split()[1]))
 
 
+def test_executor_flags_are_validated(capsys, tmp_path):
+    for bad, words in ((["--grace-seconds", "nan"], "number of seconds"),
+                       (["--grace-seconds", "-1"], "number of seconds"),
+                       (["--port", "70000"], "port from 0 to 65535"),
+                       (["--read-timeout", "0"], "above 0"),
+                       (["--log-max-bytes", "0"], "1 or more"),
+                       (["--cases-dir", str(tmp_path / "nowhere")], "not a directory")):
+        with pytest.raises(SystemExit):
+            executor_module.parse_args(bad)
+        assert words in capsys.readouterr().err, bad
+    assert executor_module.parse_args(["--grace-seconds", "0.5"])[0].grace_seconds == 0.5
+
+
 def test_collector_flags_are_validated():
     for bad in (["--executor", "not an address"], ["--executor", "127.0.0.2:8081\n"],
                 ["--executor", "h:99999"], ["--executor", "h:0"],
-                ["--max-grace-seconds", "-1"], ["--max-grace-seconds", "nan"]):
+                ["--max-grace-seconds", "-1"], ["--max-grace-seconds", "nan"],
+                ["--stop-wait", "-1"], ["--read-timeout", "0"], ["--connect-timeout", "inf"],
+                ["--retry-max", "0"], ["--lane-workers", "0"], ["--port", "70000"]):
         with pytest.raises(SystemExit):
             collector_module.parse_args(bad)
     assert collector_module.parse_args(["--max-grace-seconds", "5"])[0].max_grace_seconds == 5
